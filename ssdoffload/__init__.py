@@ -1,0 +1,20 @@
+"""ssdoffload: spill training activations to NVMe SSDs and reload them ahead of backward.
+
+    import ssdoffload
+    off = ssdoffload.Offloader(model, ssdoffload.OffloadConfig(path="/nvme/act"))
+    with off.step():
+        loss = model(batch).sum()
+        loss.backward()
+"""
+import logging
+
+from .config import OffloadConfig
+from .errors import OffloadError, SpillPathError, SpillReadError
+from .offloader import Offloader
+from .stats import OffloadStats
+
+logging.getLogger("ssdoffload").addHandler(logging.NullHandler())
+
+__all__ = ["Offloader", "OffloadConfig", "OffloadStats", "OffloadError", "SpillPathError",
+           "SpillReadError"]
+__version__ = "0.1.0"

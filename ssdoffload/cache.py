@@ -1,0 +1,189 @@
+"""One ``Entry`` per offloaded storage, with an explicit state machine, and the handles that
+autograd holds instead of tensors.
+
+States (``State``)::
+
+    RESIDENT --write--> WRITING --done--> ON_DISK --load--> LOADING --done--> LOADED --last handle--> FREED
+        ^                  |  |                                |                     ^
+        +---- write failed-+  +--- done, backward already here ----------------------+
+                                                  read failed -+--> FAILED (unpack raises)
+
+``RESIDENT`` and ``WRITING`` hold the original storage (backward that comes early is served
+from it: "forwarding"); ``ON_DISK`` holds nothing but the extent; ``LOADED`` holds a fresh
+buffer. Every transition is checked against ``_ALLOWED``; a wrong one is a bug and raises
+``StateError``. The cache lock guards state, refcounts and the dedup index.
+
+A ``Handle`` is what the pack hook returns: (entry, view spec, a weak reference to the saved
+tensor and its version). Autograd drops it when the graph is freed; the last drop frees the
+entry's extent and memory.
+"""
+from __future__ import annotations
+
+import enum
+import itertools
+import threading
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+
+from .errors import StateError
+from .views import StorageToken, ViewSpec
+
+
+class State(enum.Enum):
+    RESIDENT = "resident"
+    WRITING = "writing"
+    ON_DISK = "on disk"
+    LOADING = "loading"
+    LOADED = "loaded"
+    FAILED = "failed"
+    FREED = "freed"
+
+
+_ALLOWED = {
+    State.RESIDENT: {State.WRITING, State.FREED},
+    State.WRITING: {State.ON_DISK, State.LOADED, State.RESIDENT, State.FREED},
+    State.ON_DISK: {State.LOADING, State.FREED},
+    State.LOADING: {State.LOADED, State.FAILED, State.FREED},
+    State.LOADED: {State.FREED},
+    State.FAILED: {State.FREED},
+    State.FREED: set(),
+}
+
+#: States in which the entry holds the data in memory.
+HOLDS_MEMORY = (State.RESIDENT, State.WRITING, State.LOADING, State.LOADED)
+
+_ids = itertools.count()
+
+
+@dataclass(eq=False)
+class Entry:
+    """One offloaded storage and everything needed to bring it back."""
+
+    scope: Any
+    group: int
+    layer: Optional[int]
+    nbytes: int
+    device: torch.device
+    label: str
+    key: Any = None
+    storage: Optional[torch.UntypedStorage] = None
+    token: Optional[StorageToken] = None
+    extent: Any = None
+    state: State = State.RESIDENT
+    refs: int = 0
+    write_future: Any = None
+    read_future: Any = None
+    ready_event: Any = None        # CUDA: when the reloaded buffer may be used
+    compute_stream: Any = None     # CUDA: the stream the tensor was produced / reloaded for
+    error: Optional[BaseException] = None
+    prefetched: bool = False
+    served: bool = False           # unpacked at least once (prefetch hit/miss counted)
+    id: int = field(default_factory=lambda: next(_ids))
+
+    def describe(self) -> str:
+        where = f"layer {self.layer}" if self.layer is not None else "outside the layers"
+        return f"activation {self.label} ({where}, micro-batch {self.scope!r})"
+
+
+class Handle:
+    """What autograd keeps for an offloaded tensor."""
+
+    __slots__ = ("entry", "spec", "tensor_ref", "version", "_cache", "__weakref__")
+
+    def __init__(self, cache: "OffloadCache", entry: Entry, tensor: torch.Tensor) -> None:
+        self._cache = cache
+        self.entry = entry
+        self.spec = ViewSpec.of(tensor)
+        self.tensor_ref = weakref.ref(tensor)
+        self.version = tensor._version
+
+    def modified_in_place(self) -> bool:
+        """Whether the saved tensor was changed in place after it was saved (autograd would
+        refuse to run backward: we refuse too, instead of returning the old values)."""
+        t = self.tensor_ref()
+        return t is not None and t._version != self.version
+
+    def __del__(self) -> None:
+        cache = self._cache
+        if cache is not None:
+            self._cache = None
+            cache.release(self.entry)
+
+
+class OffloadCache:
+    """Entries by scope, the storage-dedup index and reference counting."""
+
+    def __init__(self, on_free) -> None:
+        self.lock = threading.RLock()
+        self._on_free = on_free   # called (outside the lock) with an entry that became FREED
+        self._index: Dict[Tuple[str, int], Entry] = {}
+        self.scopes: Dict[Any, Dict[int, List[Entry]]] = {}
+
+    # -- state machine -------------------------------------------------------------------
+    @staticmethod
+    def transition(entry: Entry, new: State) -> None:
+        if new not in _ALLOWED[entry.state]:
+            raise StateError(f"{entry.describe()}: illegal transition {entry.state.value} -> {new.value}")
+        entry.state = new
+
+    # -- dedup ---------------------------------------------------------------------------
+    def lookup(self, key: Tuple[str, int], tensor: torch.Tensor, scope: Any) -> Optional[Entry]:
+        """The live entry of this very storage (same storage object, same version), if any."""
+        with self.lock:
+            entry = self._index.get(key)
+            if entry is None or entry.scope != scope or entry.token is None or not entry.token.matches(tensor):
+                return None
+            if entry.state in (State.FREED, State.FAILED):
+                return None
+            return entry
+
+    def add(self, key: Tuple[str, int], entry: Entry) -> None:
+        with self.lock:
+            entry.key = key
+            self._index[key] = entry
+            self.scopes.setdefault(entry.scope, {}).setdefault(entry.group, []).append(entry)
+
+    def new_handle(self, entry: Entry, tensor: torch.Tensor) -> Handle:
+        with self.lock:
+            entry.refs += 1
+        return Handle(self, entry, tensor)
+
+    # -- lifetime ------------------------------------------------------------------------
+    def release(self, entry: Entry) -> None:
+        with self.lock:
+            entry.refs -= 1
+            if entry.refs > 0:
+                return
+            self._forget(entry)
+        self._on_free(entry)
+
+    def _forget(self, entry: Entry) -> None:
+        if self._index.get(entry.key) is entry:
+            del self._index[entry.key]
+        groups = self.scopes.get(entry.scope)
+        if groups is not None:
+            members = groups.get(entry.group)
+            if members is not None:
+                try:
+                    members.remove(entry)
+                except ValueError:
+                    pass
+                if not members:
+                    del groups[entry.group]
+            if not groups:
+                del self.scopes[entry.scope]
+
+    def groups_of(self, scope: Any) -> List[int]:
+        with self.lock:
+            return sorted(self.scopes.get(scope, {}))
+
+    def entries(self, scope: Any, group: int) -> List[Entry]:
+        with self.lock:
+            return list(self.scopes.get(scope, {}).get(group, ()))
+
+    def all_entries(self) -> List[Entry]:
+        with self.lock:
+            return [e for groups in self.scopes.values() for members in groups.values() for e in members]

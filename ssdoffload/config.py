@@ -1,0 +1,151 @@
+"""``OffloadConfig``: every knob of the offloader, validated when it is made.
+
+A bad value raises ``ValueError`` naming the field, the value and what is allowed, so a typo
+in a DeepSpeed JSON block fails before the first step rather than deep inside one.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional, Sequence, Union
+
+import torch
+
+BACKENDS = ("auto", "native", "kvikio")
+
+#: Fields that only make sense from Python (module objects), not from a JSON block.
+_PYTHON_ONLY_FIELDS = ("layers",)
+
+
+@dataclass
+class OffloadConfig:
+    """What to offload, where to, and how hard to prefetch.
+
+    Attributes:
+        path: Spill directory, or a list of directories (one per NVMe drive; extents are
+            striped across them). ``{rank}`` is replaced by the distributed rank. The parent of
+            each directory must exist (a missing parent usually means a drive is not mounted);
+            the last level is created with mode 0700.
+        min_offload_bytes: Saved tensors whose storage is smaller than this stay in memory:
+            the I/O round trip of a tiny tensor costs more than the memory it frees.
+        prefetch_depth: How many layers below the one backward is in are read back ahead of
+            time. 0 loads each tensor only when autograd asks for it.
+        layers: The modules that count as layers (their forward defines a prefetch group).
+            Default: the longest ``nn.ModuleList`` of same-typed blocks in the model.
+        backend: ``"native"`` (our C++ engine, host memory; CUDA tensors are staged through a
+            pinned buffer pool), ``"kvikio"`` (CUDA tensors through kvikio / GPUDirect Storage)
+            or ``"auto"`` (kvikio for CUDA tensors when it is importable, else native).
+        io_threads: Worker threads of the I/O engine (per process).
+        chunk_bytes: Size of one I/O request issued to the drive; a multiple of 4096.
+        initial_file_bytes: Preallocated size of each spill file; it grows on demand and is
+            reused every step.
+        pinned_pool_bytes: Pinned host memory used to stage CUDA tensors (native backend only).
+        verify: Checksum every extent when written and check it when read.
+        enabled: ``False`` turns the offloader into a no-op (used by framework config blocks).
+    """
+
+    path: Union[str, Sequence[str]] = ""
+    min_offload_bytes: int = 256 * 1024
+    prefetch_depth: int = 2
+    layers: Optional[Sequence[torch.nn.Module]] = None
+    backend: str = "auto"
+    io_threads: int = 4
+    chunk_bytes: int = 4 << 20
+    initial_file_bytes: int = 64 << 20
+    pinned_pool_bytes: int = 256 << 20
+    verify: bool = False
+    enabled: bool = True
+    paths: tuple = field(init=False, repr=False, default=())
+
+    def __post_init__(self) -> None:
+        self.paths = tuple(_validate_paths(self.path))
+        _require_int("min_offload_bytes", self.min_offload_bytes, minimum=0)
+        _require_int("prefetch_depth", self.prefetch_depth, minimum=0, maximum=64)
+        _require_int("io_threads", self.io_threads, minimum=1, maximum=256)
+        _require_int("chunk_bytes", self.chunk_bytes, minimum=4096)
+        if self.chunk_bytes % 4096:
+            raise ValueError(
+                f"OffloadConfig.chunk_bytes={self.chunk_bytes!r} is not a multiple of 4096; "
+                "use a multiple of 4096 (O_DIRECT needs aligned requests)"
+            )
+        _require_int("initial_file_bytes", self.initial_file_bytes, minimum=0)
+        _require_int("pinned_pool_bytes", self.pinned_pool_bytes, minimum=0)
+        if self.backend not in BACKENDS:
+            raise ValueError(
+                f"OffloadConfig.backend={self.backend!r} is not one of {', '.join(BACKENDS)}"
+            )
+        for name in ("verify", "enabled"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(
+                    f"OffloadConfig.{name}={getattr(self, name)!r} must be true or false"
+                )
+        if self.layers is not None:
+            layers = list(self.layers)
+            bad = [m for m in layers if not isinstance(m, torch.nn.Module)]
+            if bad or not layers:
+                raise ValueError(
+                    f"OffloadConfig.layers={self.layers!r} must be a non-empty sequence of "
+                    "torch.nn.Module (or None to detect the layers)"
+                )
+            self.layers = layers
+
+    @classmethod
+    def field_names(cls) -> list:
+        """The keys a config block may hold."""
+        return [f.name for f in dataclasses.fields(cls) if f.init and f.name not in _PYTHON_ONLY_FIELDS]
+
+    @classmethod
+    def from_dict(cls, block: Mapping[str, Any], **overrides: Any) -> "OffloadConfig":
+        """Build a config from a JSON block (e.g. DeepSpeed's ``"ssd_offload": {...}``).
+
+        Unknown keys are an error that lists the valid keys. ``overrides`` (Python-only
+        fields such as ``layers``) are applied on top.
+        """
+        if not isinstance(block, Mapping):
+            raise ValueError(f"ssd_offload config block must be a JSON object, got {block!r}")
+        valid = cls.field_names()
+        unknown = sorted(k for k in block if k not in valid)
+        if unknown:
+            raise ValueError(
+                f"unknown ssd_offload config key(s) {unknown}; valid keys are: {', '.join(valid)}"
+            )
+        kwargs = dict(block)
+        kwargs.update(overrides)
+        return cls(**kwargs)
+
+    def resolved_paths(self, rank: Optional[int] = None) -> list:
+        """The spill directories with ``{rank}`` filled in."""
+        if rank is None:
+            rank = current_rank()
+        return [os.path.abspath(os.path.expanduser(p.replace("{rank}", str(rank)))) for p in self.paths]
+
+
+def current_rank() -> int:
+    """The global rank: from torch.distributed when it is up, else $RANK, else 0."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return int(os.environ.get("RANK", "0"))
+
+
+def _validate_paths(path: Union[str, Sequence[str]]) -> list:
+    paths = [path] if isinstance(path, (str, os.PathLike)) else list(path) if path is not None else []
+    if not paths or any(not isinstance(p, (str, os.PathLike)) or not str(p) for p in paths):
+        raise ValueError(
+            f"OffloadConfig.path={path!r} must be a directory or a non-empty list of "
+            "directories (one per drive), e.g. '/nvme/act' or ['/nvme0/act', '/nvme1/act']"
+        )
+    paths = [os.fspath(p) for p in paths]
+    if len(set(paths)) != len(paths):
+        raise ValueError(f"OffloadConfig.path={path!r} names a directory twice")
+    return paths
+
+
+def _require_int(name: str, value: Any, minimum: int, maximum: Optional[int] = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"OffloadConfig.{name}={value!r} must be an integer")
+    if value < minimum or (maximum is not None and value > maximum):
+        allowed = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
+        raise ValueError(f"OffloadConfig.{name}={value!r} must be {allowed}")

@@ -1,0 +1,88 @@
+"""The saved-tensor hooks: the only place autograd is touched.
+
+``pack`` runs when autograd saves a tensor for backward. It either returns the tensor itself
+(kept: parameters, small tensors, ...; see ``policy.py``) or a ``Handle`` to an entry whose
+storage is being written to the spill store; the graph then holds no reference to the memory.
+``unpack`` runs when backward needs the tensor: a kept tensor is returned as is, a handle is
+rebuilt as its exact view over the storage, read back (or still in memory).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Set, Tuple
+
+import torch
+
+from .cache import Entry, Handle, OffloadCache
+from .config import OffloadConfig
+from .policy import Decision, decide
+from .prefetch import Prefetcher
+from .stats import StatsCollector
+from .transfers import Transfers
+from .views import StorageToken, ViewSpec, rebuild, storage_key
+from .layers import in_backward
+
+
+@dataclass
+class ScopeState:
+    """Where the forward of one micro-batch is: its key and current group / layer."""
+
+    key: Any
+    group: int = 0
+    layer: Optional[int] = None
+
+
+class SavedTensorHooks:
+    """The pack/unpack pair, bound to one offloader's cache, transfers and prefetcher."""
+
+    def __init__(self, config: OffloadConfig, cache: OffloadCache, transfers: Transfers,
+                 prefetcher: Prefetcher, stats: StatsCollector,
+                 keep_layer: Callable[[Optional[int]], bool] = lambda layer: False) -> None:
+        self.config = config
+        self.cache = cache
+        self.transfers = transfers
+        self.prefetcher = prefetcher
+        self.stats = stats
+        self.keep_layer = keep_layer
+        self.scope: Optional[ScopeState] = None
+        self.param_keys: Set[Tuple[str, int]] = set()
+
+    def context(self) -> torch.autograd.graph.saved_tensors_hooks:
+        return torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
+
+    def pack(self, tensor: torch.Tensor) -> Any:
+        scope = self.scope
+        decision = decide(tensor, self.param_keys, self.config.min_offload_bytes, in_backward())
+        if decision is Decision.OFFLOAD and (scope is None or self.keep_layer(scope.layer)):
+            decision = Decision.LAYER_KEPT
+        if decision is not Decision.OFFLOAD:
+            self.stats.add(tensors_kept=1, bytes_kept=tensor.untyped_storage().nbytes())
+            return tensor
+        key = storage_key(tensor)
+        entry = self.cache.lookup(key, tensor, scope.key)
+        if entry is not None:
+            self.stats.add(dedup_hits=1)
+            return self.cache.new_handle(entry, tensor)
+        storage = tensor.untyped_storage()
+        entry = Entry(scope=scope.key, group=scope.group, layer=scope.layer, nbytes=storage.nbytes(),
+                      device=tensor.device, label=ViewSpec.of(tensor).describe(), storage=storage,
+                      token=StorageToken(tensor))
+        self.cache.add(key, entry)
+        handle = self.cache.new_handle(entry, tensor)
+        self.stats.add(tensors_offloaded=1, offloadable_bytes=entry.nbytes)
+        self.stats.resident(entry.nbytes)
+        self.transfers.start_write(entry)
+        return handle
+
+    def unpack(self, packed: Any) -> torch.Tensor:
+        if not isinstance(packed, Handle):
+            return packed
+        entry = packed.entry
+        if packed.modified_in_place():
+            raise RuntimeError(
+                f"one of the tensors needed for gradient computation ({entry.describe()}) has been "
+                "modified by an inplace operation after it was saved; autograd cannot compute a "
+                "correct gradient (use out-of-place ops, or clone before modifying)")
+        self.prefetcher.on_backward_reached(entry.scope, entry.group)
+        storage = self.transfers.materialize(entry)
+        return rebuild(storage, packed.spec)

@@ -1,0 +1,94 @@
+"""The one interface every I/O backend implements.
+
+A backend moves the bytes of one storage between memory and an extent of a spill file. Its
+two methods are *blocking* and run on the offloader's I/O threads (never on the compute
+thread); ``IOEngine`` runs them on thread pools and returns ``concurrent.futures.Future``s, so
+callers only ever see futures.
+
+Buffers are 1-D ``uint8`` tensors over the whole storage (``byte_view``). Extents start at a
+4096-byte file offset and are at least ``nbytes`` rounded up to 4096 long; a backend may write
+zero padding up to the extent's end.
+
+CUDA stream rules (all backends):
+
+* ``write``: ``ready`` is an event recorded on the compute stream right after the tensor was
+  saved. The backend must not read the device memory before that event completed. It returns
+  once it no longer needs the source memory; the caller then drops its reference, which hands
+  the memory back to the caching allocator (no ``record_stream``).
+* ``read``: ``dst`` was allocated on the compute stream and ``allocated`` recorded there; the
+  backend must not write ``dst`` before that event completed (the allocator may have handed out
+  memory that kernels queued earlier still use). It returns an event the compute stream must
+  wait on before using ``dst``, or ``None`` when the data is already in place.
+"""
+from __future__ import annotations
+
+import abc
+import concurrent.futures
+from typing import Optional
+
+import torch
+
+from ..store import Extent
+
+
+def byte_view(storage: torch.UntypedStorage) -> torch.Tensor:
+    """A 1-D uint8 tensor over all of ``storage`` (no copy)."""
+    out = torch.empty(0, dtype=torch.uint8, device=storage.device)
+    out.set_(storage, 0, (storage.nbytes(),), (1,))
+    return out
+
+
+class Backend(abc.ABC):
+    """Moves storage bytes to and from spill-file extents. Methods block; threads call them."""
+
+    name: str = "?"
+
+    @abc.abstractmethod
+    def supports(self, device: torch.device) -> bool:
+        """Whether this backend can move tensors living on ``device``."""
+
+    @abc.abstractmethod
+    def write(self, src: torch.Tensor, extent: Extent, ready: Optional["torch.cuda.Event"]) -> None:
+        """Write all of ``src`` at ``extent``. Raises ``OSError`` on failure."""
+
+    @abc.abstractmethod
+    def read(self, dst: torch.Tensor, extent: Extent,
+             allocated: Optional["torch.cuda.Event"]) -> Optional["torch.cuda.Event"]:
+        """Fill all of ``dst`` from ``extent``. Raises ``OSError`` on failure."""
+
+    def close(self) -> None:
+        """Release what the backend holds (threads, pinned memory, file handles)."""
+
+
+class IOEngine:
+    """Runs backend calls on two thread pools and hands back futures.
+
+    Reads get their own pool so a backward that waits on a prefetch is never queued behind
+    forward's writes.
+    """
+
+    def __init__(self, backends: dict, threads: int) -> None:
+        self.backends = backends  # device type -> Backend
+        self._writers = concurrent.futures.ThreadPoolExecutor(max(1, threads // 2), "ssdoffload-write")
+        self._readers = concurrent.futures.ThreadPoolExecutor(max(1, threads // 2), "ssdoffload-read")
+
+    def backend_for(self, device: torch.device) -> Backend:
+        backend = self.backends.get(device.type)
+        if backend is None:
+            raise ValueError(f"no I/O backend for tensors on {device}")
+        return backend
+
+    def submit_write(self, fn, *args) -> concurrent.futures.Future:
+        return self._writers.submit(fn, *args)
+
+    def submit_read(self, fn, *args) -> concurrent.futures.Future:
+        return self._readers.submit(fn, *args)
+
+    def close(self) -> None:
+        self._writers.shutdown(wait=True)
+        self._readers.shutdown(wait=True)
+        closed = set()
+        for backend in self.backends.values():
+            if id(backend) not in closed:
+                closed.add(id(backend))
+                backend.close()

@@ -1,0 +1,82 @@
+"""The kvikio backend: CUDA tensors through kvikio's ``CuFile`` (GPUDirect Storage where the
+host has it, kvikio's compatibility mode with its own bounce buffers where not).
+
+Install with the ``gds`` extra (``kvikio-cu13``). kvikio's futures complete only when the data
+is where it belongs, so:
+
+* write: the I/O thread first synchronizes the tensor's ``ready`` event (the producing kernel
+  finished), then ``pwrite``s the device memory and waits; afterwards the caller may drop the
+  tensor.
+* read: the I/O thread synchronizes the ``allocated`` event (kernels queued earlier on the
+  compute stream no longer use the destination memory), then ``pread``s into it and waits; the
+  data is in device memory when the future is done, so no event is returned.
+
+``KVIKIO_NTHREADS`` defaults to 1 in kvikio; we set it from ``io_threads`` unless the user did.
+"""
+from __future__ import annotations
+
+import os
+import threading
+from typing import Dict, Optional
+
+import torch
+
+from ..store import Extent
+from .base import Backend
+
+
+def kvikio_available() -> bool:
+    try:
+        import kvikio  # noqa: F401
+    except Exception:  # ImportError, or a broken CUDA library underneath
+        return False
+    return True
+
+
+class KvikioBackend(Backend):
+    name = "kvikio"
+
+    def __init__(self, threads: int, task_bytes: int) -> None:
+        os.environ.setdefault("KVIKIO_NTHREADS", str(threads))
+        import kvikio
+        import kvikio.defaults
+
+        self._kvikio = kvikio
+        self._task_bytes = task_bytes
+        self._files: Dict[str, object] = {}
+        self._lock = threading.Lock()
+        self.compat_mode = bool(getattr(kvikio.defaults, "is_compat_mode_preferred", lambda: False)())
+
+    def supports(self, device: torch.device) -> bool:
+        return device.type == "cuda"
+
+    def _file(self, extent: Extent):
+        path = extent.file.path
+        with self._lock:
+            f = self._files.get(path)
+            if f is None:
+                f = self._kvikio.CuFile(path, "r+")
+                self._files[path] = f
+            return f
+
+    def write(self, src: torch.Tensor, extent: Extent, ready: Optional[torch.cuda.Event]) -> None:
+        if ready is not None:
+            ready.synchronize()
+        n = self._file(extent).pwrite(src, src.numel(), extent.offset, self._task_bytes).get()
+        if n != src.numel():
+            raise OSError(5, f"short write: {n} of {src.numel()} bytes", extent.file.path)
+
+    def read(self, dst: torch.Tensor, extent: Extent,
+             allocated: Optional[torch.cuda.Event]) -> Optional[torch.cuda.Event]:
+        if allocated is not None:
+            allocated.synchronize()
+        n = self._file(extent).pread(dst, dst.numel(), extent.offset, self._task_bytes).get()
+        if n != dst.numel():
+            raise OSError(5, f"short read: {n} of {dst.numel()} bytes", extent.file.path)
+        return None
+
+    def close(self) -> None:
+        with self._lock:
+            for f in self._files.values():
+                f.close()
+            self._files.clear()

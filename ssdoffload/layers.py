@@ -1,0 +1,89 @@
+"""Which modules are "layers", and the module hooks that tag saved tensors with them.
+
+A layer's forward is one prefetch group: every tensor saved while it runs is read back
+together. Forward pre/post hooks move the current micro-batch scope to a new group; a hook on
+the gradient of each layer output fires just before that layer's backward starts, which is
+when the prefetcher reads the layers below it.
+
+Nothing here acts during backward (``torch._C._current_graph_task_id() != -1``): a
+checkpointed layer runs its forward again there, and those recomputed tensors are not ours.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+from torch.utils._pytree import tree_flatten
+
+log = logging.getLogger("ssdoffload")
+
+
+def find_layers(model: Optional[torch.nn.Module]) -> List[torch.nn.Module]:
+    """The longest ``nn.ModuleList`` whose members all have the same type (the blocks).
+
+    Returns an empty list when there is none (then the whole forward is one group, and
+    prefetching still works from the unpack order).
+    """
+    if model is None:
+        return []
+    best: List[torch.nn.Module] = []
+    for module in model.modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) > len(best):
+            members = list(module)
+            if members and all(type(m) is type(members[0]) for m in members):
+                best = members
+    return best
+
+
+def in_backward() -> bool:
+    return torch._C._current_graph_task_id() != -1
+
+
+class LayerTracker:
+    """Forward hooks on the layers that report enter/exit and arm backward triggers.
+
+    ``on_enter(index)`` / ``on_exit(index)`` are called during forward; ``on_backward(token)``
+    is called with whatever ``on_exit`` returned, from a gradient hook on the layer's outputs,
+    right before that layer's backward.
+    """
+
+    def __init__(self, layers: Sequence[torch.nn.Module], on_enter: Callable[[int], None],
+                 on_exit: Callable[[int], object], on_backward: Callable[[object], None]) -> None:
+        self.layers = list(layers)
+        self._index: Dict[int, int] = {id(m): i for i, m in enumerate(self.layers)}
+        self._on_enter, self._on_exit, self._on_backward = on_enter, on_exit, on_backward
+        self.active = False
+        self._handles = []
+        for module in self.layers:
+            self._handles.append(module.register_forward_pre_hook(self._pre_hook))
+            self._handles.append(module.register_forward_hook(self._post_hook))
+
+    def index_of(self, module: torch.nn.Module) -> int:
+        return self._index[id(module)]
+
+    def _pre_hook(self, module: torch.nn.Module, args) -> None:
+        if self.active and not in_backward():
+            self._on_enter(self._index[id(module)])
+
+    def _post_hook(self, module: torch.nn.Module, args, output) -> None:
+        if not self.active or in_backward():
+            return
+        token = self._on_exit(self._index[id(module)])
+        if token is None:
+            return
+        for t in tree_flatten(output)[0]:
+            if isinstance(t, torch.Tensor) and t.requires_grad:
+                t.register_hook(functools.partial(_grad_trigger, self._on_backward, token))
+                break  # one trigger per layer is enough
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+
+def _grad_trigger(callback: Callable[[object], None], token: object, grad: torch.Tensor) -> None:
+    callback(token)
+    return None

@@ -1,0 +1,280 @@
+"""``Offloader``: the object a user holds. It wires config, store, I/O engine, cache, hooks,
+layer tracking and prefetching together and owns their lifetime.
+
+Scopes: every forward runs inside a *micro-batch scope* (``step()`` opens one for a whole
+forward+backward; ``micro_batch(key)`` opens one for a forward whose backward comes later, as in
+pipeline schedules). Tensors saved in a scope are grouped by layer; ``prefetch(key)`` tells the
+offloader which scope's backward comes next.
+
+Everything the offloader starts (I/O threads, spill files, pinned memory) ends on ``close()``,
+on leaving ``with Offloader(...)``, and at interpreter exit; an exception inside ``step()``
+discards that step's spill data and removes the spill files (they are made again on the next
+step).
+"""
+from __future__ import annotations
+
+import atexit
+import contextlib
+import itertools
+import logging
+import threading
+import weakref
+from typing import Any, Iterator, Optional
+
+import torch
+
+from .cache import OffloadCache, State
+from .config import OffloadConfig
+from .errors import OffloadError
+from .hooks import SavedTensorHooks, ScopeState
+from .io import make_engine
+from .layers import LayerTracker, find_layers
+from .policy import parameter_storages
+from .prefetch import Prefetcher
+from .stats import OffloadStats, StatsCollector
+from .store import SpillStore
+from .transfers import Transfers
+
+log = logging.getLogger("ssdoffload")
+
+_live: "weakref.WeakSet[Offloader]" = weakref.WeakSet()
+
+
+class Offloader:
+    """Spills the activations autograd saves to NVMe and reloads them ahead of backward.
+
+    Args:
+        model: The model being trained: its parameters and buffers are never offloaded and its
+            layers (``config.layers``, or the longest ``nn.ModuleList`` of same-typed blocks)
+            define the prefetch groups. May be ``None`` (nothing is excluded but parameters
+            that autograd marks as such; no layer groups).
+        config: An ``OffloadConfig``; keyword arguments build one when it is omitted.
+
+    Spill directories are checked and the spill files created here, so a bad path fails now.
+    """
+
+    def __init__(self, model: Optional[torch.nn.Module] = None, config: Optional[OffloadConfig] = None,
+                 **config_kwargs: Any) -> None:
+        if config is None:
+            config = OffloadConfig(**config_kwargs)
+        elif config_kwargs:
+            raise TypeError("pass either an OffloadConfig or keyword arguments, not both")
+        if not isinstance(config, OffloadConfig):
+            raise TypeError(f"config must be an OffloadConfig, got {type(config).__name__}")
+        if model is not None and not isinstance(model, torch.nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module or None, got {type(model).__name__}")
+        self.config = config
+        self.model = model
+        self._closed = False
+        self._lock = threading.RLock()
+        self._stats = StatsCollector()
+        self._step_keys = itertools.count()
+        self._active_scope: Optional[ScopeState] = None
+        self._scopes: dict = {}
+        self.paths = config.resolved_paths()
+        self._store: Optional[SpillStore] = None
+        self.engine = None
+        self.tracker: Optional[LayerTracker] = None
+        if not config.enabled:
+            return
+        self._store = SpillStore(self.paths, config.initial_file_bytes)
+        try:
+            self.engine = make_engine(config)
+            self.cache = OffloadCache(on_free=self._on_free)
+            self.transfers = Transfers(self.engine, self._get_store, self.cache, self._stats)
+            self.prefetcher = Prefetcher(self.cache, self.transfers, config.prefetch_depth)
+            self.transfers.wanted = self.prefetcher.is_requested
+            self.hooks = SavedTensorHooks(config, self.cache, self.transfers, self.prefetcher, self._stats)
+            layers = config.layers if config.layers is not None else find_layers(model)
+            self.tracker = LayerTracker(layers, self._enter_layer, self._exit_layer, self._layer_backward)
+        except BaseException:
+            self.close()
+            raise
+        _live.add(self)
+        log.info("ssdoffload: offloading to %s (%d layers tracked)", ", ".join(self.paths), len(layers))
+
+    # -- public API ----------------------------------------------------------------------
+    @property
+    def enabled(self) -> bool:
+        return self.config.enabled
+
+    @property
+    def layers(self) -> list:
+        return self.tracker.layers if self.tracker is not None else []
+
+    @contextlib.contextmanager
+    def step(self) -> Iterator["Offloader"]:
+        """Scope the forward and backward of one training step (or one micro-batch).
+
+        On an exception inside, the step's spill data is discarded and the spill files removed.
+        """
+        key = ("step", next(self._step_keys))
+        try:
+            with self.micro_batch(key):
+                yield self
+        except BaseException:
+            self._abort()
+            raise
+        self.end_step()
+
+    @contextlib.contextmanager
+    def micro_batch(self, key: Any) -> Iterator["Offloader"]:
+        """Scope the forward of micro-batch ``key``; its backward may run later, outside.
+
+        Several micro-batches may be in flight (forwarded, not yet backwarded); each keeps its
+        own groups. Scopes do not nest.
+        """
+        if not self.enabled:
+            yield self
+            return
+        self._check_open()
+        with self._lock:
+            if self._active_scope is not None:
+                raise OffloadError(
+                    f"micro-batch {key!r} started inside micro-batch {self._active_scope.key!r}; "
+                    "scopes do not nest: close one before opening the next")
+            if self._store is None:  # removed after an aborted step
+                self._store = SpillStore(self.paths, self.config.initial_file_bytes)
+            scope = ScopeState(key)
+            self._active_scope = scope
+        self.prefetcher.forget(key)
+        self.hooks.scope = scope
+        self.hooks.param_keys = parameter_storages([self.model] if self.model is not None else [])
+        self.tracker.active = True
+        try:
+            with self.hooks.context():
+                yield self
+        finally:
+            self.tracker.active = False
+            self.hooks.scope = None
+            with self._lock:
+                self._active_scope = None
+
+    def prefetch(self, key: Any) -> int:
+        """Micro-batch ``key``'s backward comes next: start reading its last layers now.
+
+        Returns the number of reads started.
+        """
+        if not self.enabled:
+            return 0
+        self._check_open()
+        return self.prefetcher.prefetch_scope(key)
+
+    def end_step(self) -> OffloadStats:
+        """Close the current step's statistics (``step()`` does this itself)."""
+        return self._stats.end_step()
+
+    def wait(self) -> None:
+        """Block until every write started so far has finished."""
+        if self.enabled and not self._closed:
+            self.transfers.wait_writes()
+
+    def stats(self) -> OffloadStats:
+        """Cumulative statistics over all steps."""
+        return self._stats.snapshot("total")
+
+    def last_step_stats(self) -> OffloadStats:
+        """Statistics of the last finished step."""
+        return self._stats.snapshot("last_step")
+
+    def current_step_stats(self) -> OffloadStats:
+        """Statistics of the step in progress."""
+        return self._stats.snapshot("step")
+
+    @property
+    def spill_files(self) -> list:
+        """Paths of the spill files this process has open."""
+        return self._store.paths() if self._store is not None else []
+
+    def close(self) -> None:
+        """Finish in-flight I/O, stop the threads, free pinned memory, remove the spill files."""
+        if self._closed:
+            return
+        self._closed = True
+        _live.discard(self)
+        if self.tracker is not None:
+            self.tracker.remove()
+        try:
+            if self.engine is not None:
+                self.transfers.wait_writes()
+                self.engine.close()
+        finally:
+            self._close_store()
+
+    def __enter__(self) -> "Offloader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # interpreter teardown: nothing sensible left to report to
+            pass
+
+    # -- internals -----------------------------------------------------------------------
+    def _get_store(self) -> SpillStore:
+        store = self._store
+        if store is None:
+            raise OSError(2, "spill store is closed")
+        return store
+
+    def _close_store(self) -> None:
+        store, self._store = self._store, None
+        if store is not None:
+            store.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise OffloadError("this Offloader is closed; create a new one")
+
+    def _abort(self) -> None:
+        """Discard all spill data (an exception escaped a step) and remove the files."""
+        if not self.enabled or self._closed:
+            return
+        self.transfers.wait_writes()
+        for entry in self.cache.all_entries():
+            for fut in (entry.read_future,):
+                if fut is not None:
+                    fut.exception()
+            with self.cache.lock:
+                if entry.state in (State.ON_DISK, State.LOADING):
+                    entry.error = OffloadError(f"{entry.describe()} was discarded when a step failed")
+                    if entry.state is State.ON_DISK:
+                        self.cache.transition(entry, State.LOADING)
+                    self.cache.transition(entry, State.FAILED)
+        self._close_store()
+        log.info("ssdoffload: step aborted by an exception; spill files removed")
+
+    def _on_free(self, entry) -> None:
+        self.transfers.on_free(entry)
+
+    def _enter_layer(self, index: int) -> None:
+        scope = self.hooks.scope
+        if scope is not None:
+            scope.group += 1
+            scope.layer = index
+
+    def _exit_layer(self, index: int):
+        scope = self.hooks.scope
+        if scope is None:
+            return None
+        token = (scope.key, scope.group)
+        scope.group += 1
+        scope.layer = None
+        return token
+
+    def _layer_backward(self, token) -> None:
+        if not self._closed:
+            scope, group = token
+            self.prefetcher.on_backward_reached(scope, group)
+
+
+@atexit.register
+def _close_all() -> None:
+    for off in list(_live):
+        try:
+            off.close()
+        except Exception as exc:  # keep closing the others
+            log.warning("ssdoffload: closing an offloader at exit failed: %s", exc)

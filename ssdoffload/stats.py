@@ -1,0 +1,110 @@
+"""Counters of what the offloader did: one ``OffloadStats`` per step and one cumulative.
+
+All counters are updated under one lock by the hook thread and the I/O threads; ``snapshot``
+returns a frozen copy so a reader never sees a half-updated record.
+"""
+from __future__ import annotations
+
+import dataclasses
+import threading
+from dataclasses import dataclass, field
+
+
+@dataclass
+class OffloadStats:
+    """What one step (or the whole run) moved and what it cost.
+
+    Bytes are storage bytes (not rounded up to the 4 KiB extent size). ``stall_seconds`` is
+    time backward waited on a read; ``peak_resident_bytes`` is the largest amount of
+    offloadable activation memory held at once (not yet written, or read back).
+    """
+
+    steps: int = 0
+    bytes_written: int = 0
+    bytes_read: int = 0
+    tensors_offloaded: int = 0
+    tensors_kept: int = 0
+    bytes_kept: int = 0
+    dedup_hits: int = 0
+    prefetch_hits: int = 0
+    prefetch_misses: int = 0
+    forwarded: int = 0
+    write_failures: int = 0
+    stall_seconds: float = 0.0
+    write_seconds: float = 0.0
+    read_seconds: float = 0.0
+    offloadable_bytes: int = 0
+    resident_bytes: int = 0
+    peak_resident_bytes: int = 0
+
+    @property
+    def write_bandwidth(self) -> float:
+        """Bytes per second while a write was in flight (0 when nothing was written)."""
+        return self.bytes_written / self.write_seconds if self.write_seconds > 0 else 0.0
+
+    @property
+    def read_bandwidth(self) -> float:
+        """Bytes per second while a read was in flight (0 when nothing was read)."""
+        return self.bytes_read / self.read_seconds if self.read_seconds > 0 else 0.0
+
+    @property
+    def prefetch_hit_rate(self) -> float:
+        total = self.prefetch_hits + self.prefetch_misses
+        return self.prefetch_hits / total if total else 0.0
+
+    def as_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d.update(write_bandwidth=self.write_bandwidth, read_bandwidth=self.read_bandwidth,
+                 prefetch_hit_rate=self.prefetch_hit_rate)
+        return d
+
+    def __str__(self) -> str:
+        mib = 1 / (1 << 20)
+        return (
+            f"OffloadStats(steps={self.steps}, written={self.bytes_written * mib:.1f} MiB, "
+            f"read={self.bytes_read * mib:.1f} MiB, offloaded={self.tensors_offloaded}, "
+            f"kept={self.tensors_kept}, dedup_hits={self.dedup_hits}, "
+            f"prefetch hit/miss={self.prefetch_hits}/{self.prefetch_misses}, "
+            f"stall={self.stall_seconds:.4f}s, peak_resident={self.peak_resident_bytes * mib:.1f} MiB, "
+            f"write={self.write_bandwidth / 1e9:.2f} GB/s, read={self.read_bandwidth / 1e9:.2f} GB/s"
+            f"{f', write_failures={self.write_failures}' if self.write_failures else ''})"
+        )
+
+
+@dataclass
+class StatsCollector:
+    """Thread-safe accumulation into a per-step and a cumulative ``OffloadStats``."""
+
+    step: OffloadStats = field(default_factory=OffloadStats)
+    total: OffloadStats = field(default_factory=OffloadStats)
+    last_step: OffloadStats = field(default_factory=OffloadStats)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add(self, **deltas) -> None:
+        with self._lock:
+            for name, value in deltas.items():
+                setattr(self.step, name, getattr(self.step, name) + value)
+                setattr(self.total, name, getattr(self.total, name) + value)
+
+    def resident(self, delta: int) -> None:
+        """Track offloadable bytes held in memory, and their peak."""
+        with self._lock:
+            for s in (self.step, self.total):
+                s.resident_bytes += delta
+                s.peak_resident_bytes = max(s.peak_resident_bytes, s.resident_bytes)
+
+    def end_step(self) -> OffloadStats:
+        """Close the current step's record and start a new one."""
+        with self._lock:
+            self.step.steps = 1
+            self.total.steps += 1
+            done = self.step
+            self.last_step = dataclasses.replace(done)
+            self.step = OffloadStats(resident_bytes=done.resident_bytes,
+                                     peak_resident_bytes=done.resident_bytes)
+            return dataclasses.replace(done)
+
+    def snapshot(self, which: str = "total") -> OffloadStats:
+        with self._lock:
+            return dataclasses.replace(getattr(self, which))
+

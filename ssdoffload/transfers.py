@@ -1,0 +1,288 @@
+"""Scheduling of the writes and reads of entries: the only code that moves entries between
+states because of I/O.
+
+Threads: ``start_write`` and ``start_load`` run on the thread autograd calls hooks on (the
+compute side); the ``_write_job`` / ``_read_job`` bodies run on the I/O engine's threads.
+
+CUDA lifetime rules:
+
+* A tensor is saved → an event is recorded on the current (compute) stream; the backend waits
+  on it before reading the memory. The entry keeps the storage until the backend returned, then
+  drops it: the memory goes back to the caching allocator on its own stream, whose earlier
+  kernels are ordered before any reuse, and no other stream touches it any more. No
+  ``record_stream``.
+* A reload buffer is allocated on the compute stream (we are on it when a hook runs), an event
+  recorded right after the allocation lets the backend wait for earlier kernels that may still
+  use that memory, and the compute stream waits on the backend's ready event before using it.
+  A reloaded buffer dropped before anybody used it first makes its stream wait on that event,
+  so the allocator never hands out memory a copy is still writing.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import warnings
+from typing import Callable, Optional
+
+import torch
+
+from .cache import HOLDS_MEMORY, Entry, OffloadCache, State
+from .errors import OffloadError, SpillReadError
+from .io import IOEngine, byte_view
+from .stats import StatsCollector
+from .store import SpillStore
+
+log = logging.getLogger("ssdoffload")
+
+
+class BusyClock:
+    """Wall time during which at least one transfer of a kind was in flight.
+
+    Summing per-transfer durations would count parallel transfers twice and understate the
+    bandwidth; this counts the union of the intervals.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._inflight = 0
+        self._since = 0.0
+
+    def start(self) -> None:
+        with self._lock:
+            if self._inflight == 0:
+                self._since = time.perf_counter()
+            self._inflight += 1
+
+    def stop(self) -> float:
+        with self._lock:
+            self._inflight -= 1
+            if self._inflight == 0:
+                return time.perf_counter() - self._since
+            return 0.0
+
+
+class Transfers:
+    """Starts writes and loads of entries and waits for them."""
+
+    def __init__(self, engine: IOEngine, store_getter: Callable[[], SpillStore], cache: OffloadCache,
+                 stats: StatsCollector) -> None:
+        self.engine = engine
+        self._store = store_getter
+        self.cache = cache
+        self.stats = stats
+        self._write_clock = BusyClock()
+        self._read_clock = BusyClock()
+        self._warned_write_failure = False
+        self._pending_writes: "set" = set()
+        self._pending_lock = threading.Lock()
+        #: Asked when a write finishes: is backward already at this entry's group? Then the
+        #: memory is kept (it would be read straight back) instead of dropped.
+        self.wanted: Callable[[Entry], bool] = lambda entry: False
+
+    # -- writes --------------------------------------------------------------------------
+    def start_write(self, entry: Entry) -> None:
+        """Queue the write of a RESIDENT entry (compute thread). Never raises for I/O."""
+        storage = entry.storage
+        assert storage is not None
+        ready = None
+        if entry.device.type == "cuda":
+            entry.compute_stream = torch.cuda.current_stream(entry.device)
+            ready = torch.cuda.Event()
+            ready.record(entry.compute_stream)
+        try:
+            entry.extent = self._store().allocate(entry.nbytes)
+        except OSError as exc:
+            self._write_failed(entry, exc, extent_allocated=False)
+            return
+        with self.cache.lock:
+            self.cache.transition(entry, State.WRITING)
+        fut = self.engine.submit_write(self._write_job, entry, byte_view(storage), ready)
+        entry.write_future = fut
+        with self._pending_lock:
+            self._pending_writes.add(fut)
+        fut.add_done_callback(self._write_done)
+
+    def _write_done(self, fut) -> None:
+        with self._pending_lock:
+            self._pending_writes.discard(fut)
+
+    def _write_job(self, entry: Entry, src: torch.Tensor, ready) -> None:
+        backend = self.engine.backend_for(entry.device)
+        self._write_clock.start()
+        busy = 0.0
+        try:
+            backend.write(src, entry.extent, ready)
+        except OSError as exc:
+            busy = self._write_clock.stop()
+            self.stats.add(write_seconds=busy)
+            self._write_failed(entry, exc, extent_allocated=True)
+            return
+        busy = self._write_clock.stop()
+        self.stats.add(bytes_written=entry.nbytes, write_seconds=busy)
+        with self.cache.lock:
+            if entry.state is State.WRITING:
+                if self.wanted(entry):
+                    self.cache.transition(entry, State.LOADED)
+                    entry.prefetched = True
+                    return
+                self.cache.transition(entry, State.ON_DISK)
+                entry.storage = None  # the memory may now go back to its owner
+                self.stats.resident(-entry.nbytes)
+
+    def _write_failed(self, entry: Entry, exc: OSError, extent_allocated: bool) -> None:
+        """Keep the tensor in memory: a failed write must never cost a correct gradient."""
+        with self.cache.lock:
+            if entry.state is State.WRITING:
+                self.cache.transition(entry, State.RESIDENT)
+            extent, entry.extent = entry.extent, None
+        if extent is not None and extent_allocated:
+            self._free_extent(extent)
+        self.stats.add(write_failures=1)
+        if not self._warned_write_failure:
+            self._warned_write_failure = True
+            warnings.warn(
+                f"ssdoffload: writing {entry.describe()} failed ({exc}); keeping it in memory. "
+                "Further write failures are counted in stats().write_failures.",
+                RuntimeWarning, stacklevel=2)
+        log.debug("ssdoffload: write of %s failed: %s", entry.describe(), exc)
+
+    def wait_writes(self) -> None:
+        """Block until every queued write finished (successfully or not)."""
+        while True:
+            with self._pending_lock:
+                pending = list(self._pending_writes)
+            if not pending:
+                return
+            for fut in pending:
+                fut.exception()
+
+    # -- reads ---------------------------------------------------------------------------
+    def start_load(self, entry: Entry, prefetch: bool) -> bool:
+        """Begin reading an ON_DISK entry back; returns False when there is nothing to do."""
+        with self.cache.lock:
+            if entry.state is not State.ON_DISK:
+                return False
+            self.cache.transition(entry, State.LOADING)
+            entry.prefetched = prefetch
+        try:
+            dst = torch.empty(entry.nbytes, dtype=torch.uint8, device=entry.device)
+            allocated = None
+            if entry.device.type == "cuda":
+                entry.compute_stream = torch.cuda.current_stream(entry.device)
+                allocated = torch.cuda.Event()
+                allocated.record(entry.compute_stream)
+        except BaseException as exc:  # out of memory while allocating the buffer
+            self._read_failed(entry, exc)
+            return True
+        self.stats.resident(entry.nbytes)
+        entry.read_future = self.engine.submit_read(self._read_job, entry, dst, allocated)
+        return True
+
+    def _read_job(self, entry: Entry, dst: torch.Tensor, allocated) -> None:
+        backend = self.engine.backend_for(entry.device)
+        self._read_clock.start()
+        try:
+            ready = backend.read(dst, entry.extent, allocated)
+        except BaseException as exc:
+            self.stats.add(read_seconds=self._read_clock.stop())
+            self._read_failed(entry, exc)
+            return
+        self.stats.add(bytes_read=entry.nbytes, read_seconds=self._read_clock.stop())
+        with self.cache.lock:
+            if entry.state is State.LOADING:
+                self.cache.transition(entry, State.LOADED)
+                entry.storage = dst.untyped_storage()
+                entry.ready_event = ready
+                return
+        # Freed while loading: nobody will wait on the copy, so the stream must before reuse.
+        if ready is not None and entry.compute_stream is not None:
+            entry.compute_stream.wait_event(ready)
+
+    def _read_failed(self, entry: Entry, exc: BaseException) -> None:
+        where = entry.extent.describe() if entry.extent is not None else "no extent"
+        error = SpillReadError(f"ssdoffload: reading {entry.describe()} back from {where} failed: {exc}")
+        error.__cause__ = exc
+        with self.cache.lock:
+            entry.error = error
+            if entry.state is State.LOADING:
+                self.cache.transition(entry, State.FAILED)
+                self.stats.resident(-entry.nbytes)
+
+    def materialize(self, entry: Entry) -> torch.UntypedStorage:
+        """The entry's storage in memory, loading or waiting as needed (compute thread)."""
+        with self.cache.lock:
+            state = entry.state
+            first_use = not entry.served
+            entry.served = True
+            if state in (State.RESIDENT, State.WRITING):
+                storage = entry.storage
+                if first_use:
+                    self.stats.add(forwarded=1)
+                assert storage is not None
+                return storage
+        if state is State.ON_DISK:
+            self.start_load(entry, prefetch=False)
+            if first_use:
+                self.stats.add(prefetch_misses=1)
+        elif first_use and state in (State.LOADING, State.LOADED):
+            self.stats.add(prefetch_hits=1 if entry.prefetched else 0,
+                           prefetch_misses=0 if entry.prefetched else 1)
+        fut = entry.read_future
+        while fut is None and entry.state is State.LOADING:  # another thread is submitting it
+            time.sleep(1e-4)
+            fut = entry.read_future
+        if fut is not None and not fut.done():
+            t0 = time.perf_counter()
+            fut.result()
+            self.stats.add(stall_seconds=time.perf_counter() - t0)
+        with self.cache.lock:
+            if entry.state is State.FAILED or entry.error is not None:
+                raise entry.error if entry.error is not None else OffloadError(f"{entry.describe()} failed")
+        if entry.state is not State.LOADED:
+            raise OffloadError(f"ssdoffload: {entry.describe()} is {entry.state.value}; it cannot be used "
+                               "(was the offloader closed or the step aborted?)")
+        if entry.ready_event is not None:
+            torch.cuda.current_stream(entry.device).wait_event(entry.ready_event)
+        assert entry.storage is not None
+        return entry.storage
+
+    # -- freeing -------------------------------------------------------------------------
+    def on_free(self, entry: Entry) -> None:
+        """The last handle is gone: return the memory and, once no I/O uses it, the extent."""
+        with self.cache.lock:
+            held = entry.state in HOLDS_MEMORY
+            self.cache.transition(entry, State.FREED)
+            storage, entry.storage = entry.storage, None
+        if held:
+            self.stats.resident(-entry.nbytes)
+        if storage is not None and entry.ready_event is not None and entry.compute_stream is not None:
+            entry.compute_stream.wait_event(entry.ready_event)
+        del storage
+        futures = [f for f in (entry.write_future, entry.read_future) if f is not None]
+        extent = entry.extent
+        if extent is None:
+            return
+        remaining = [len(futures)]
+        lock = threading.Lock()
+
+        def one_done(_fut=None) -> None:
+            with lock:
+                remaining[0] -= 1
+                last = remaining[0] <= 0
+            if last:
+                self._free_extent(extent)
+
+        if not futures:
+            self._free_extent(extent)
+        for f in futures:
+            f.add_done_callback(one_done)
+
+    def _free_extent(self, extent) -> None:
+        try:
+            extent.file.free(extent)
+        except ValueError as exc:  # the store was closed and reopened: nothing to return
+            log.debug("ssdoffload: extent not returned: %s", exc)
+
+    def release_on_close(self) -> None:
+        self.wait_writes()

@@ -1,0 +1,52 @@
+"""Shared training loops for the tests: the same steps with and without offloading."""
+from __future__ import annotations
+
+import contextlib
+from typing import List, Optional, Tuple
+
+import torch
+
+import ssdoffload
+from ssdoffload.bench.model import GPT, GPTConfig, synthetic_batch
+
+TINY = GPTConfig(vocab=256, seq=64, hidden=64, heads=4, layers=4, dropout=0.1)
+
+
+def train(config: Optional[ssdoffload.OffloadConfig], steps: int = 3, cfg: GPTConfig = TINY,
+          micro_batch: int = 4, autocast: Optional[torch.dtype] = None, recompute: bool = False,
+          device: str = "cpu", seed: int = 0) -> Tuple[List[torch.Tensor], List[List[torch.Tensor]], Optional[ssdoffload.OffloadStats]]:
+    """Train ``steps`` SGD steps; returns losses, the gradients of every step, and the stats."""
+    torch.manual_seed(seed)
+    model = GPT(cfg, recompute=recompute).to(device)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    off = ssdoffload.Offloader(model, config) if config is not None else None
+    losses, grads = [], []
+    try:
+        for step in range(steps):
+            tokens, targets = synthetic_batch(cfg, micro_batch, torch.device(device), seed=step)
+            scope = off.step() if off is not None else contextlib.nullcontext()
+            amp = torch.autocast(device_type=device, dtype=autocast) if autocast else contextlib.nullcontext()
+            with scope:
+                with amp:
+                    loss = model(tokens, targets)
+                loss.backward()
+            losses.append(loss.detach().clone())
+            grads.append([p.grad.detach().clone() for p in model.parameters()])
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        stats = off.stats() if off is not None else None
+    finally:
+        if off is not None:
+            off.close()
+    return losses, grads, stats
+
+
+def assert_bit_identical(a, b) -> None:
+    losses_a, grads_a = a[0], a[1]
+    losses_b, grads_b = b[0], b[1]
+    assert len(losses_a) == len(losses_b)
+    for step, (la, lb) in enumerate(zip(losses_a, losses_b)):
+        assert torch.equal(la, lb), f"loss differs at step {step}: {la.item()!r} vs {lb.item()!r}"
+    for step, (ga, gb) in enumerate(zip(grads_a, grads_b)):
+        for i, (x, y) in enumerate(zip(ga, gb)):
+            assert torch.equal(x, y), f"gradient {i} {tuple(x.shape)} differs at step {step}"
