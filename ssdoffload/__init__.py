@@ -16,5 +16,12 @@ from .stats import OffloadStats
 logging.getLogger("ssdoffload").addHandler(logging.NullHandler())
 
 __all__ = ["Offloader", "OffloadConfig", "OffloadStats", "OffloadError", "SpillPathError",
-           "SpillReadError"]
+           "SpillReadError", "plan"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    if name == "plan":  # the planner imports more than a training step needs: load it lazily
+        from .planner import plan
+        return plan
+    raise AttributeError(f"module 'ssdoffload' has no attribute {name!r}")

@@ -160,6 +160,19 @@ class Offloader:
         self._check_open()
         return self.prefetcher.prefetch_scope(key)
 
+    def timeline(self, enabled: Optional[bool] = None) -> list:
+        """Turn the transfer timeline on or off; returns (and clears) the events so far.
+
+        Each event is a ``TimelineEvent`` (kind "write" / "read" / "stall", perf_counter start
+        and end, bytes, layer, micro-batch). Spans named ``ssdoffload.write``, ``.read`` and
+        ``.stall`` also appear in ``torch.profiler`` traces.
+        """
+        if not self.enabled or self.engine is None:
+            return []
+        if enabled is not None:
+            self.transfers.timeline.enabled = enabled
+        return self.transfers.timeline.drain()
+
     def end_step(self) -> OffloadStats:
         """Close the current step's statistics (``step()`` does this itself)."""
         return self._stats.end_step()

@@ -108,3 +108,38 @@ class StatsCollector:
         with self._lock:
             return dataclasses.replace(getattr(self, which))
 
+
+@dataclass(frozen=True)
+class TimelineEvent:
+    """One transfer or stall: ``kind`` is "write", "read" or "stall"; times are perf_counter."""
+
+    kind: str
+    start: float
+    end: float
+    nbytes: int
+    layer: object
+    scope: object
+
+
+class Timeline:
+    """An optional record of every transfer, for plots of the compute/I-O overlap.
+
+    Off by default (it grows with every tensor); ``Offloader.timeline(True)`` turns it on.
+    """
+
+    def __init__(self) -> None:
+        self.enabled = False
+        self._events: list = []
+        self._lock = threading.Lock()
+
+    def add(self, kind: str, start: float, end: float, nbytes: int, layer: object, scope: object) -> None:
+        if self.enabled:
+            with self._lock:
+                self._events.append(TimelineEvent(kind, start, end, nbytes, layer, scope))
+
+    def drain(self) -> list:
+        """The events recorded so far (and forget them)."""
+        with self._lock:
+            events, self._events = self._events, []
+            return events
+

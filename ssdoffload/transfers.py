@@ -26,11 +26,12 @@ import warnings
 from typing import Callable, Optional
 
 import torch
+from torch.autograd.profiler import record_function
 
 from .cache import HOLDS_MEMORY, Entry, OffloadCache, State
 from .errors import OffloadError, SpillReadError
 from .io import IOEngine, byte_view
-from .stats import StatsCollector
+from .stats import StatsCollector, Timeline
 from .store import SpillStore
 
 log = logging.getLogger("ssdoffload")
@@ -71,6 +72,7 @@ class Transfers:
         self._store = store_getter
         self.cache = cache
         self.stats = stats
+        self.timeline = Timeline()
         self._write_clock = BusyClock()
         self._read_clock = BusyClock()
         self._warned_write_failure = False
@@ -111,8 +113,11 @@ class Transfers:
         backend = self.engine.backend_for(entry.device)
         self._write_clock.start()
         busy = 0.0
+        t0 = time.perf_counter()
         try:
-            backend.write(src, entry.extent, ready)
+            with record_function("ssdoffload.write"):
+                backend.write(src, entry.extent, ready)
+            self.timeline.add("write", t0, time.perf_counter(), entry.nbytes, entry.layer, entry.scope)
         except OSError as exc:
             busy = self._write_clock.stop()
             self.stats.add(write_seconds=busy)
@@ -182,8 +187,11 @@ class Transfers:
     def _read_job(self, entry: Entry, dst: torch.Tensor, allocated) -> None:
         backend = self.engine.backend_for(entry.device)
         self._read_clock.start()
+        t0 = time.perf_counter()
         try:
-            ready = backend.read(dst, entry.extent, allocated)
+            with record_function("ssdoffload.read"):
+                ready = backend.read(dst, entry.extent, allocated)
+            self.timeline.add("read", t0, time.perf_counter(), entry.nbytes, entry.layer, entry.scope)
         except BaseException as exc:
             self.stats.add(read_seconds=self._read_clock.stop())
             self._read_failed(entry, exc)
@@ -234,8 +242,11 @@ class Transfers:
             fut = entry.read_future
         if fut is not None and not fut.done():
             t0 = time.perf_counter()
-            fut.result()
-            self.stats.add(stall_seconds=time.perf_counter() - t0)
+            with record_function("ssdoffload.stall"):
+                fut.result()
+            t1 = time.perf_counter()
+            self.stats.add(stall_seconds=t1 - t0)
+            self.timeline.add("stall", t0, t1, entry.nbytes, entry.layer, entry.scope)
         with self.cache.lock:
             if entry.state is State.FAILED or entry.error is not None:
                 raise entry.error if entry.error is not None else OffloadError(f"{entry.describe()} failed")
