@@ -1,0 +1,81 @@
+"""The extent allocator and the cache state machine, as pure bookkeeping."""
+import random
+
+import pytest
+import torch
+
+from ssdoffload.allocator import ALIGNMENT, ExtentAllocator
+from ssdoffload.cache import Entry, OffloadCache, State
+from ssdoffload.errors import StateError
+
+
+def test_aligned_extents_and_reuse():
+    a = ExtentAllocator(16 * ALIGNMENT)
+    x = a.allocate(1)
+    y = a.allocate(ALIGNMENT + 1)
+    assert x == (0, ALIGNMENT) and y == (ALIGNMENT, 2 * ALIGNMENT)
+    a.free(*x)
+    assert a.allocate(100) == (0, ALIGNMENT)  # first fit reuses the hole
+
+
+def test_coalescing_returns_to_one_range_and_same_offsets_next_step():
+    a = ExtentAllocator(64 * ALIGNMENT)
+    rng = random.Random(0)
+    sizes = [rng.randint(1, 5 * ALIGNMENT) for _ in range(12)]
+    first = [a.allocate(s) for s in sizes]
+    order = list(first)
+    rng.shuffle(order)
+    for ext in order:
+        a.free(*ext)
+    assert a.free_ranges() == [(0, 64 * ALIGNMENT)] and a.used == 0
+    assert [a.allocate(s) for s in sizes] == first
+
+
+def test_full_then_grow():
+    a = ExtentAllocator(2 * ALIGNMENT)
+    assert a.allocate(2 * ALIGNMENT) == (0, 2 * ALIGNMENT)
+    assert a.allocate(1) is None
+    a.grow(4 * ALIGNMENT)
+    assert a.allocate(2 * ALIGNMENT) == (2 * ALIGNMENT, 2 * ALIGNMENT)
+
+
+def test_double_free_is_refused():
+    a = ExtentAllocator(4 * ALIGNMENT)
+    x = a.allocate(ALIGNMENT)
+    a.free(*x)
+    with pytest.raises(ValueError, match="double free"):
+        a.free(*x)
+
+
+def _entry():
+    return Entry(scope="s", group=0, layer=0, nbytes=10, device=torch.device("cpu"), label="(10,) float32")
+
+
+def test_state_machine_allows_the_documented_path_only():
+    e = _entry()
+    for s in (State.WRITING, State.ON_DISK, State.LOADING, State.LOADED, State.FREED):
+        OffloadCache.transition(e, s)
+    e = _entry()
+    with pytest.raises(StateError, match="illegal transition resident -> loaded"):
+        OffloadCache.transition(e, State.LOADED)
+    OffloadCache.transition(e, State.FREED)
+    with pytest.raises(StateError):
+        OffloadCache.transition(e, State.WRITING)
+
+
+def test_dedup_index_never_matches_a_dead_storage():
+    """The allocator may hand a dead tensor's address to a new one: the token must tell."""
+    cache = OffloadCache(on_free=lambda e: None)
+    t = torch.randn(1024)
+    key = ("cpu", t.untyped_storage().data_ptr())
+    from ssdoffload.views import StorageToken
+    e = _entry()
+    e.token = StorageToken(t)
+    cache.add(key, e)
+    assert cache.lookup(key, t[5:], "s") is e
+    assert cache.lookup(key, t, "other scope") is None
+    t.add_(1)  # a new version is different data
+    assert cache.lookup(key, t, "s") is None
+    del t
+    u = torch.randn(1024)  # may or may not reuse the address; either way no false match
+    assert cache.lookup(("cpu", u.untyped_storage().data_ptr()), u, "s") is None
