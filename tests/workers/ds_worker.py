@@ -73,7 +73,7 @@ def leftovers(root: str) -> list:
 def offload_report(engine, spill_root: str) -> dict:
     off = ssd_ds.get_offload(engine)
     if off is None:
-        return {"attached": False}
+        return {"attached": False, "engine_class": type(engine).__name__}
     stats = off.stats()
     return {
         "attached": True,
@@ -121,6 +121,7 @@ def run_plain(rank: int, world: int, zero: int, bf16: bool, gas: int, enabled: b
     report = offload_report(engine, spill)
     result = {"losses": losses, "digest": digest(engine.module), "seconds": seconds, **report}
     engine.destroy()
+    torch.distributed.barrier()  # every rank has closed before anyone looks
     result["leftover_files"] = leftovers(spill.split("{rank}")[0])
     return result
 
@@ -180,6 +181,7 @@ def run_pipe(rank: int, world: int, interval: int, enabled: bool, spill: str, mi
               "num_layers": len(ssd_ds.get_offload(engine).offloader.layers) if report["attached"] else 0,
               "ckpt_func": _func_name(engine.module.activation_checkpoint_func), **report}
     engine.destroy()
+    torch.distributed.barrier()
     result["ckpt_func_after"] = _func_name(module.activation_checkpoint_func)
     result["leftover_files"] = leftovers(spill.split("{rank}")[0])
     return result
