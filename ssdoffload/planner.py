@@ -8,7 +8,8 @@ time), a memory budget, the drive's bandwidth and endurance, and returns a ``Pla
 with ``str(plan)``, JSON with ``plan.as_dict()``):
 
 * activation bytes per micro-batch (per sample) and per layer, on every pipeline stage;
-* for ``keep``, ``recompute`` (full, per layer) and ``ssd`` the largest micro-batch that fits
+* for ``keep``, ``recompute`` (full, per layer), ``ssd`` (everything offloaded) and ``ssd+keep``
+  (offload the share of layers the drive hides, keep the rest) the largest micro-batch that fits
   the budget with the schedule's micro-batches in flight (1F1B: ``pp - rank`` on rank
   ``rank``; no pipelining: 1);
 * the write and read bandwidth that hides all I/O at that micro-batch, the expected stall when
@@ -41,6 +42,7 @@ GiB = float(1 << 30)
 TB = 1e12
 DTYPE_BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2}
 SCHEDULES = ("1f1b", "no_pipelining")
+STRATEGIES = ("keep", "recompute", "ssd", "ssd+keep")
 
 
 # -- the model ---------------------------------------------------------------------------------
@@ -370,7 +372,6 @@ class Option:
     num_microbatches: Optional[int]
     bubble: Optional[float]
     step_seconds: Optional[float]
-    tokens_per_second: Optional[float]
     write_gbps_needed: float = 0.0
     read_gbps_needed: float = 0.0
     stall_seconds_per_step: float = 0.0
@@ -425,7 +426,7 @@ class Plan:
             def f(v, fmt):
                 return format(v, fmt) if v is not None else "-"
             life = o.drive_life_days / 365 if o.drive_life_days is not None else None
-            ssd = o.strategy == "ssd"
+            ssd = o.strategy.startswith("ssd")
             lines.append(
                 f"{o.strategy:<10}{o.micro_batch:>12}{o.memory_bytes / GiB:>13.2f}"
                 f"{f(o.num_microbatches, 'd'):>5}{f(o.bubble, '.1%'):>8}{f(o.step_seconds, '.3f'):>9}"
@@ -493,10 +494,9 @@ def plan(spec: Optional[ModelSpec] = None, *, profile: Optional[Profile] = None,
         results.append(_plan_rank(prof, r, flight, budget, drive, global_batch, dp,
                                   num_microbatches, prefetch_depth, pp))
     # The micro-batch is one number for the whole pipeline: the tightest rank decides.
-    binding = min(results, key=lambda res: res["options"][2].micro_batch)
-    options = []
-    for strategy_i in range(3):
-        options.append(min((res["options"][strategy_i] for res in results), key=lambda o: o.micro_batch))
+    binding = min(results, key=lambda res: res["options"][0].micro_batch)
+    options = [min((res["options"][i] for res in results), key=lambda o: o.micro_batch)
+               for i in range(len(STRATEGIES))]
     inputs = {
         "spec": dataclasses.asdict(spec) if spec is not None else None,
         "budget_bytes": binding["budget"], "drive": dataclasses.asdict(drive),
@@ -521,6 +521,14 @@ def _plan_rank(prof: Profile, rank: int, flight: int, budget: float, drive: Driv
     act = sum(layers) + prof.other_bytes                  # per sample, one micro-batch
     biggest = max(layers) if layers else 0.0
     t_f, t_b = prof.forward_seconds, prof.backward_seconds
+    written_per_sample = act - prof.small_bytes  # what the offloader writes (and reads back)
+    # The share of the activations the drive moves within the compute: activations and compute
+    # both grow linearly with the micro-batch, so this share does not depend on it.
+    if written_per_sample > 0 and t_f > 0 and t_b > 0:
+        share = min(1.0, drive.write_gbps * GB * t_f / written_per_sample,
+                    drive.read_gbps * GB * t_b / written_per_sample)
+    else:
+        share = 1.0
     per_sample = {
         # everything for every micro-batch in flight
         "keep": flight * act,
@@ -530,9 +538,12 @@ def _plan_rank(prof: Profile, rank: int, flight: int, budget: float, drive: Driv
         # in memory: the small tensors of every micro-batch in flight, the layers being written
         # (forward) or read ahead (backward), and what lies outside the layers of one micro-batch
         "ssd": flight * prof.small_bytes + (depth + 2) * biggest + prof.other_bytes,
+        # offload only the share the drive hides, keep the other layers on the GPU: no stall
+        "ssd+keep": (flight * (prof.small_bytes + (1 - share) * (sum(layers) - prof.small_bytes))
+                     + min(depth + 2, share * n) * biggest + prof.other_bytes),
     }
     options = []
-    for strategy in ("keep", "recompute", "ssd"):
+    for strategy in STRATEGIES:
         b = _fit(0.0, per_sample[strategy], budget)
         m = fixed_m
         if m is None and global_batch is not None and b > 0:
@@ -541,28 +552,27 @@ def _plan_rank(prof: Profile, rank: int, flight: int, budget: float, drive: Driv
         compute = (t_f + t_b + (t_f if strategy == "recompute" else 0.0)) * b  # one micro-batch
         step = compute * m / (1 - bubble) if m and bubble is not None and bubble < 1 else None
         opt = Option(strategy=strategy, micro_batch=b, memory_bytes=per_sample[strategy] * b,
-                     num_microbatches=m, bubble=bubble, step_seconds=step, tokens_per_second=None)
-        if strategy == "ssd" and b > 0:
-            written = (act - prof.small_bytes) * b              # per micro-batch
+                     num_microbatches=m, bubble=bubble, step_seconds=step)
+        if strategy.startswith("ssd") and b > 0:
+            fraction = 1.0 if strategy == "ssd" else share
+            written = written_per_sample * fraction * b       # per micro-batch
             opt.write_gbps_needed = written / (t_f * b) / GB if t_f > 0 else float("inf")
             opt.read_gbps_needed = written / (t_b * b) / GB if t_b > 0 else float("inf")
             w_time, r_time = written / (drive.write_gbps * GB), written / (drive.read_gbps * GB)
             stall_mb = max(0.0, w_time - t_f * b) + max(0.0, r_time - t_b * b)
-            opt.hidden_fraction = min(1.0, drive.write_gbps * GB * t_f * b / written,
-                                      drive.read_gbps * GB * t_b * b / written) if written else 1.0
+            opt.hidden_fraction = share / fraction if fraction > 0 else 1.0
             if m:
                 opt.stall_seconds_per_step = stall_mb * m
                 if step is not None:
                     step += opt.stall_seconds_per_step
                     opt.step_seconds = step
-                    per_day = 86400.0 / step
-                    opt.tb_per_day = written * m * per_day * drive.gpus_per_drive / TB
+                    opt.tb_per_day = written * m * (86400.0 / step) * drive.gpus_per_drive / TB
                     if drive.endurance_tb and opt.tb_per_day > 0:
                         opt.drive_life_days = drive.endurance_tb / opt.tb_per_day
-            if opt.hidden_fraction < 1.0:
-                opt.note = (f"the drive hides {opt.hidden_fraction:.0%} of the I/O at micro-batch {b}; "
-                            f"offload about that share of the layers and keep the rest on the GPU "
-                            f"(or add drives) to avoid the stall")
+            if strategy == "ssd" and share < 1.0:
+                opt.note = (f"the drive hides {share:.0%} of the I/O (needs {opt.write_gbps_needed:.1f} GB/s "
+                            f"write, {opt.read_gbps_needed:.1f} GB/s read); ssd+keep offloads that "
+                            f"share of the layers and keeps the rest on the GPU")
         if b == 0:
             opt.note = "does not fit the budget even at micro-batch 1"
         options.append(opt)
