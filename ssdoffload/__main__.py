@@ -1,0 +1,188 @@
+"""Command line: ``python -m ssdoffload bench | probe | plan`` (also the ``ssdoffload`` script).
+
+* ``bench``: train the built-in GPT under keep / recompute / cpu / ssd / ssd+recompute,
+  interleaved, and report time, memory and I/O per strategy (table, JSON, PNG plots).
+* ``probe PATH``: the drive's sequential write and read bandwidth through ssdoffload's engine,
+  and what a preset needs to hide all of its I/O.
+* ``plan``: the micro-batch and bandwidth planner (``ssdoffload.planner``).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+import sys
+from typing import Dict, List, Optional
+
+_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """``"512M"``, ``"1.5GiB"``, ``"4096"`` -> bytes (binary units)."""
+    m = _SIZE.match(text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: 4096, 512M, 2G)")
+    scale = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}[m.group(2).lower()]
+    return int(float(m.group(1)) * scale)
+
+
+def _offload_option(text: str):
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    key, value = text.split("=", 1)
+    for conv in (int, float):
+        try:
+            return key.strip(), conv(value)
+        except ValueError:
+            pass
+    if value.lower() in ("true", "false"):
+        return key.strip(), value.lower() == "true"
+    return key.strip(), value
+
+
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    from .bench.presets import PRESETS
+
+    g = p.add_argument_group("model (override the preset)")
+    g.add_argument("--preset", choices=sorted(PRESETS), help="model preset (default: cpu-small without a "
+                   "GPU, gpu-1b with one)")
+    for name, help_ in (("hidden", "hidden size"), ("layers", "number of blocks"), ("heads", "attention heads"),
+                        ("seq", "sequence length"), ("vocab", "vocabulary size")):
+        g.add_argument(f"--{name}", type=int, help=help_)
+    g.add_argument("--micro-batch", type=int, help="sequences per step")
+    g.add_argument("--dtype", choices=["float32", "bfloat16"], help="float32, or bfloat16 autocast")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _overrides(args: argparse.Namespace) -> Dict[str, object]:
+    keys = ("hidden", "layers", "heads", "seq", "vocab", "micro_batch", "dtype", "steps", "warmup",
+            "min_offload_bytes", "prefetch_depth", "io_threads")
+    return {k: getattr(args, k, None) for k in keys if getattr(args, k, None) is not None}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .bench.strategies import STRATEGIES
+
+    parser = argparse.ArgumentParser(prog="ssdoffload", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", metavar="{bench,probe,plan}")
+
+    b = sub.add_parser("bench", help="compare keep, recompute, cpu and ssd offload on a built-in GPT",
+                       description="Train the built-in GPT on synthetic tokens under each strategy, interleaved "
+                                   "step by step, and report step time, memory and I/O.")
+    _add_model_options(b)
+    b.add_argument("--steps", type=int, help="measured steps per strategy")
+    b.add_argument("--warmup", type=int, help="warm-up steps per strategy (not measured)")
+    b.add_argument("--strategies", default=",".join(STRATEGIES),
+                   help=f"comma-separated subset of {','.join(STRATEGIES)} (keep is always run)")
+    b.add_argument("--spill-path", action="append", default=[], metavar="DIR",
+                   help="spill directory (repeat for several drives); default: a temporary directory, removed after")
+    b.add_argument("--output", "-o", default="ssdoffload-bench", help="folder for the JSON and plots "
+                   "(default ./ssdoffload-bench)")
+    b.add_argument("--min-offload-bytes", type=parse_size, help="smaller saved tensors stay in memory")
+    b.add_argument("--prefetch-depth", type=int, help="layers read ahead during backward")
+    b.add_argument("--io-threads", type=int, help="ssdoffload I/O threads")
+    b.add_argument("--offload-option", action="append", type=_offload_option, default=[], metavar="KEY=VALUE",
+                   help="any other OffloadConfig field for the ssd strategies")
+    b.add_argument("--probe-size", type=parse_size, default=256 << 20, help="bytes the drive probe moves (256M)")
+    b.add_argument("--sweep-micro-batch", action="store_true",
+                   help="also find the largest micro-batch each strategy fits in --memory-budget")
+    b.add_argument("--memory-budget", type=parse_size, help="budget for the sweep (default: GPU memory; on a CPU "
+                   "4x keep's activation bytes)")
+    b.add_argument("--sweep-max-micro-batch", type=int, help="stop the sweep at this micro-batch")
+    b.add_argument("--deterministic", action="store_true", help="torch.use_deterministic_algorithms (CUDA)")
+    b.add_argument("--no-plots", action="store_true")
+    b.add_argument("--no-progress", action="store_true")
+    b.add_argument("--quiet", "-q", action="store_true", help="print only the last line")
+
+    pr = sub.add_parser("probe", help="measure a spill path's bandwidth and what a preset needs",
+                        description="Sequential write and read bandwidth of PATH through ssdoffload's engine "
+                                    "(O_DIRECT), and the bandwidth a preset needs to hide all of its I/O.")
+    pr.add_argument("path", help="spill directory to test (created if missing, files removed after)")
+    pr.add_argument("--size", type=parse_size, default=1 << 30, help="bytes to write and read (default 1G)")
+    pr.add_argument("--threads", type=int, default=4, help="I/O threads")
+    pr.add_argument("--repeats", type=int, default=1, help="best of this many passes")
+    pr.add_argument("--no-demand", action="store_true", help="skip measuring the preset's demand")
+    _add_model_options(pr)
+
+    sub.add_parser("plan", help="micro-batch and bandwidth planner", add_help=False)
+    return parser
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from .bench import plots, report as report_mod
+    from .bench.runner import BenchOptions, run_bench
+    from .bench.strategies import parse_strategies
+
+    options = BenchOptions(
+        preset=args.preset, overrides=_overrides(args), device=args.device,
+        strategies=parse_strategies(args.strategies), spill_paths=args.spill_path, output=args.output,
+        seed=args.seed, probe_bytes=args.probe_size, offload_options=dict(args.offload_option),
+        progress=not (args.no_progress or args.quiet), plots=not args.no_plots,
+        deterministic=args.deterministic, sweep=args.sweep_micro_batch, memory_budget=args.memory_budget,
+        sweep_max_micro_batch=args.sweep_max_micro_batch)
+    report = run_bench(options)
+    out = os.path.abspath(options.output)
+    os.makedirs(out, exist_ok=True)
+    files = []
+    if options.plots:
+        try:
+            files = plots.write_all(report, out)
+        except ImportError:
+            print("matplotlib is not installed: no plots (pip install 'ssdoffload[bench]')", file=sys.stderr)
+    report["files"] = {"json": os.path.join(out, "bench.json"), "plots": files}
+    report_mod.write_json(report, report["files"]["json"])
+    if not args.quiet:
+        print(report_mod.format_table(report))
+        if not report["loss_check"]["identical"]:
+            print("WARNING: the strategies' losses are not bit-identical (see above)", file=sys.stderr)
+    print(f"results written to {out} (bench.json{', ' + ', '.join(os.path.basename(f) for f in files) if files else ''})")
+    return 0 if report["loss_check"]["identical"] else 3
+
+
+def _probe(args: argparse.Namespace) -> int:
+    from .bench import probe
+    from .bench.runner import resolve_device, resolve_preset, BenchOptions
+
+    result = probe.measure(args.path, nbytes=args.size, threads=args.threads, repeats=args.repeats)
+    print(f"{result.path}: sequential write {result.write_bytes_per_s / 1e9:.2f} GB/s, read "
+          f"{result.read_bytes_per_s / 1e9:.2f} GB/s ({result.nbytes / 2**20:.0f} MiB in "
+          f"{result.block_bytes / 2**20:.0f} MiB requests, {result.threads} threads, "
+          f"{'O_DIRECT' if result.direct else 'buffered: the filesystem refuses O_DIRECT'})")
+    if args.no_demand:
+        return 0
+    from .bench.demand import measure_demand
+
+    device = resolve_device(args.device)
+    preset = resolve_preset(BenchOptions(preset=args.preset, overrides=_overrides(args)), device)
+    d = measure_demand(preset, device, seed=args.seed)
+    frac = d.movable_fraction(result.write_bytes_per_s, result.read_bytes_per_s)
+    print(f"preset {preset.name}, micro-batch {preset.micro_batch} on {device}: "
+          f"{d.offloadable_bytes / 2**20:.1f} MiB offloadable activations per step; forward "
+          f"{d.forward_seconds:.3f} s, backward {d.backward_seconds:.3f} s")
+    print(f"to hide all I/O it needs {d.write_bytes_per_s / 1e9:.2f} GB/s write and "
+          f"{d.read_bytes_per_s / 1e9:.2f} GB/s read: this drive can move {frac:.0%} of it "
+          f"({'enough' if frac >= 1 else 'offload less or add drives'})")
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "plan":
+        from .planner import main as plan_main
+
+        return plan_main(argv[1:])
+    parser = build_parser()
+    args = parser.parse_args(argv or ["bench"])
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    try:
+        if args.command == "probe":
+            return _probe(args)
+        return _bench(args)
+    except ValueError as exc:
+        parser.exit(2, f"ssdoffload: error: {exc}\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,117 @@
+"""PNG plots of a benchmark report (matplotlib, headless)."""
+from __future__ import annotations
+
+import os
+from typing import List
+
+COLORS = {"keep": "#4c72b0", "recompute": "#dd8452", "cpu": "#55a868", "ssd": "#c44e52",
+          "ssd+recompute": "#8172b3"}
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def memory_vs_time(report: dict, path: str) -> str:
+    """Each strategy at (median step time, peak memory), with the step-time range as a bar."""
+    plt = _plt()
+    cuda = report["device"].startswith("cuda")
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, s in report["strategies"].items():
+        mem = s.get("cuda_peak_bytes") if cuda else s.get("peak_activation_bytes")
+        if mem is None:
+            continue
+        st = s["step_seconds"]
+        x, y = st["median"], mem / 2**20
+        ax.errorbar([x], [y], xerr=[[x - st["min"]], [st["max"] - x]], fmt="o", ms=8, capsize=4,
+                    color=COLORS.get(name), label=name)
+        ax.annotate(name, (x, y), textcoords="offset points", xytext=(6, 6), fontsize=9)
+    b = report.get("bandwidth_bound")
+    keep = report["strategies"].get("keep")
+    if b and keep:
+        keep_mem = (keep.get("cuda_peak_bytes") if cuda else keep.get("peak_activation_bytes")) or 0
+        ax.axhline((keep_mem - b["optimum_bytes"]) / 2**20, ls="--", color="grey", lw=1,
+                   label="keep - bandwidth-bound optimum")
+    ax.set_xlabel("step time, s (median; bar: min-max)")
+    ax.set_ylabel("peak GPU memory, MiB" if cuda else "peak resident activation memory, MiB")
+    ax.set_ylim(bottom=0)
+    p = report["preset"]
+    ax.set_title(f"{p['name']}: memory vs step time ({report['device']})")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def timeline(report: dict, path: str) -> str:
+    """One ssd step: compute (forward per layer, backward), writes, reads and stalls."""
+    plt = _plt()
+    tl = report["timeline"]
+    fig, ax = plt.subplots(figsize=(10, 3.6))
+    lanes = {"compute": 3, "write": 2, "read": 1, "stall": 0}
+    f0, f1 = tl["forward"]
+    b0, b1 = tl["backward"]
+    ax.broken_barh([(b0, b1 - b0)], (lanes["compute"] - 0.4, 0.8), color="#bbbbbb", label="backward")
+    if tl["layers"]:
+        for i, s, e in tl["layers"]:
+            ax.broken_barh([(s, e - s)], (lanes["compute"] - 0.4, 0.8),
+                           color="#4c72b0" if i % 2 == 0 else "#8fb0e0")
+        ax.broken_barh([], (0, 0), color="#4c72b0", label="forward (layer by layer)")
+    else:
+        ax.broken_barh([(f0, f1 - f0)], (lanes["compute"] - 0.4, 0.8), color="#4c72b0", label="forward")
+    colors = {"write": "#c44e52", "read": "#55a868", "stall": "#000000"}
+    for kind in ("write", "read", "stall"):
+        bars = [(t["start"], max(t["end"] - t["start"], 1e-5)) for t in tl["transfers"] if t["kind"] == kind]
+        if bars:
+            ax.broken_barh(bars, (lanes[kind] - 0.35, 0.7), color=colors[kind], alpha=0.55, label=kind)
+    ax.set_yticks(list(lanes.values()))
+    ax.set_yticklabels([f"{k}" for k in lanes])
+    ax.axvline(f1, color="grey", lw=0.8, ls=":")
+    ax.set_xlabel("seconds from the start of the step")
+    note = " (layers synchronized for the plot)" if tl.get("synchronized_layers") else ""
+    ax.set_title(f"one {tl['strategy']} step: compute and I/O overlap{note}")
+    ax.legend(fontsize=8, loc="upper right", ncol=3)
+    ax.set_xlim(0, max(b1, max((t["end"] for t in tl["transfers"]), default=b1)) * 1.02)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def sweep(report: dict, path: str) -> str:
+    """Throughput against micro-batch for each strategy, fitting sizes only."""
+    plt = _plt()
+    sw = report["sweep"]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, rows in sw["rows"].items():
+        pts = [(r["micro_batch"], r["tokens_per_second"]) for r in rows if r.get("fits")]
+        if pts:
+            ax.plot(*zip(*pts), "o-", color=COLORS.get(name), label=name)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("micro-batch")
+    ax.set_ylabel("tokens/s")
+    ax.set_title(f"largest micro-batch within {sw['budget_bytes'] / 2**30:.2f} GiB ({sw['memory_kind']})")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_all(report: dict, folder: str) -> List[str]:
+    """All plots that the report has data for; returns their paths."""
+    os.makedirs(folder, exist_ok=True)
+    paths = [memory_vs_time(report, os.path.join(folder, "memory_vs_step_time.png"))]
+    if report.get("timeline"):
+        paths.append(timeline(report, os.path.join(folder, "timeline_ssd_step.png")))
+    if report.get("sweep"):
+        paths.append(sweep(report, os.path.join(folder, "micro_batch_sweep.png")))
+    return paths
