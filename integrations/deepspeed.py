@@ -329,7 +329,9 @@ class _EngineMixin:
         return out
 
     def step(self, *args, **kwargs):
-        boundary = self.is_gradient_accumulation_boundary()
+        managed = getattr(self, "managed_gradient_accumulation", None)
+        # Unmanaged accumulation (DeepSpeed >= 0.18): every step() is the boundary.
+        boundary = (managed is not None and not managed()) or self.is_gradient_accumulation_boundary()
         result = super().step(*args, **kwargs)
         if boundary:
             self.ssd_offload.end_step()
@@ -355,6 +357,8 @@ class _LookaheadSchedule:
         self._on_backward_next = on_backward_next
 
     def __getattr__(self, name: str) -> Any:  # num_pipe_buffers() and friends
+        if name == "_schedule":
+            raise AttributeError(name)
         return getattr(self._schedule, name)
 
     def __iter__(self):
@@ -513,6 +517,10 @@ def _agree(error: Optional[BaseException]) -> None:
               f"rank {failed[0][0]}: {message}")
 
 
+_ZERO3 = ("ssd_offload does not support ZeRO stage 3 (partitioned parameters); use ZeRO stage 0, "
+          "1 or 2, or set \"enabled\": false in the ssd_offload block")
+
+
 def attach(engine: Any, config: Optional[OffloadConfig] = None) -> Any:
     """Turn offloading on for an engine made by ``deepspeed.initialize``; returns the engine.
 
@@ -536,8 +544,7 @@ def attach(engine: Any, config: Optional[OffloadConfig] = None) -> Any:
     if config is None or not config.enabled:
         return engine
     if engine.zero_optimization_stage() >= 3:
-        raise OffloadError("ssd_offload does not support ZeRO stage 3 (partitioned parameters); "
-                           "use ZeRO stage 0, 1 or 2, or remove the ssd_offload block")
+        raise ValueError(_ZERO3)
 
     offloader = None
     error: Optional[BaseException] = None
@@ -588,8 +595,11 @@ def initialize(args: Any = None, model: Optional[torch.nn.Module] = None, *posit
     bound = inspect.signature(deepspeed.initialize).bind(args, model, *positional, **kwargs)
     given = bound.arguments
     ds_config = _find_ds_config(args, given.get("config"), given.get("config_params"))
-    if ds_config is not None:
-        offload_config(ds_config)  # fail now, before DeepSpeed spends time starting up
+    if ds_config is not None:  # fail now, before DeepSpeed spends time starting up
+        config = offload_config(ds_config)
+        zero = _load_ds_config(ds_config).get("zero_optimization", {})
+        if config is not None and config.enabled and isinstance(zero, Mapping) and zero.get("stage", 0) == 3:
+            raise ValueError(_ZERO3)
     result = deepspeed.initialize(*bound.args, **bound.kwargs)
     engine = result[0]
     # Read again from the engine: per-rank objects (layers) are known only now.

@@ -176,6 +176,7 @@ def test_bad_block_fails_on_every_rank(bad2):
         # Only rank 1's directory is bad; rank 0 learns it too instead of hanging.
         assert cases["one_rank_bad"]["raised"] == "SpillPathError"
         assert "r1" in cases["one_rank_bad"]["message"]
+        assert "ZeRO stage 3" in cases["zero3"]["message"]
     assert "rank(s) [1]" in bad2[0]["cases"]["one_rank_bad"]["message"]
 
 
@@ -280,5 +281,7 @@ def test_checkpoint_inputs_are_offloaded(spill_dir):
         assert torch.equal(ref_loss, other_loss)
         for a, b in zip(ref_grads, other_grads):
             assert torch.equal(a, b)
-    assert ds_stats.tensors_offloaded == 0  # DeepSpeed's function hides its inputs from autograd
-    assert stats.tensors_offloaded >= 3 and stats.bytes_written >= 3 * 32 * 64 * 4
+    # DeepSpeed's function hides its inputs from autograd: only the loss's input is offloaded.
+    # Ours hands them to save_for_backward: the three block inputs are offloaded as well.
+    assert ds_stats.tensors_offloaded <= 1
+    assert stats.tensors_offloaded >= ds_stats.tensors_offloaded + 3, (ds_stats, stats)

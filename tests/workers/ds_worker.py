@@ -70,7 +70,7 @@ def leftovers(root: str) -> list:
     return sorted(os.path.join(r, f) for r, _, files in os.walk(root) for f in files)
 
 
-def offload_report(engine, spill_root: str) -> dict:
+def offload_report(engine) -> dict:
     off = ssd_ds.get_offload(engine)
     if off is None:
         return {"attached": False, "engine_class": type(engine).__name__}
@@ -118,7 +118,7 @@ def run_plain(rank: int, world: int, zero: int, bf16: bool, gas: int, enabled: b
             engine.step()
             losses.append(float(loss.detach().float().item()))
     seconds = time.perf_counter() - t0
-    report = offload_report(engine, spill)
+    report = offload_report(engine)
     result = {"losses": losses, "digest": digest(engine.module), "seconds": seconds, **report}
     engine.destroy()
     torch.distributed.barrier()  # every rank has closed before anyone looks
@@ -176,7 +176,7 @@ def run_pipe(rank: int, world: int, interval: int, enabled: bool, spill: str, mi
         loss = engine.train_batch(data_iter=data)
         losses.append(float(loss.detach().float().item()))
     seconds = time.perf_counter() - t0
-    report = offload_report(engine, spill)
+    report = offload_report(engine)
     result = {"losses": losses, "digest": digest(engine.module), "seconds": seconds, "stage": engine.stage_id,
               "num_layers": len(ssd_ds.get_offload(engine).offloader.layers) if report["attached"] else 0,
               "ckpt_func": _func_name(engine.module.activation_checkpoint_func), **report}
@@ -195,12 +195,13 @@ def run_bad(rank: int, world: int, root: str) -> dict:
         "bad_value": block(os.path.join(root, "ok"), True, prefetch_depth=-1),
         "missing_parent": block(os.path.join(root, "no", "such", "dir"), True),
         "one_rank_bad": block(os.path.join(root, "r{rank}", "act"), True),
+        "zero3": block(os.path.join(root, "ok"), True),
     }
     out = {}
     for name, b in cases.items():
         torch.manual_seed(0)
         model = GPT(CFG)
-        cfg = ds_config(2, 1, world, 0, False, b)
+        cfg = ds_config(2, 1, world, 3 if name == "zero3" else 0, False, b)
         try:
             engine, _, _, _ = ssd_ds.initialize(model=model, model_parameters=model.parameters(), config=cfg)
         except Exception as exc:  # the expected path
