@@ -258,7 +258,7 @@ class MegatronOffload:
         try:
             result = self.func(**kwargs)
         except BaseException:
-            self.offloader._abort()  # discard this step's spill data, as Offloader.step() does
+            self.offloader.abort()  # discard this step's spill data, as Offloader.step() does
             raise
         finally:
             self._state = None

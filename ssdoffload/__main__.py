@@ -54,6 +54,8 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", choices=["float32", "bfloat16"], help="float32, or bfloat16 autocast")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, help="torch compute threads (default on a CPU: cores - 1, "
+                   "leaving one core to the I/O threads)")
 
 
 def _overrides(args: argparse.Namespace) -> Dict[str, object]:
@@ -101,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "(O_DIRECT), and the bandwidth a preset needs to hide all of its I/O.")
     pr.add_argument("path", help="spill directory to test (created if missing, files removed after)")
     pr.add_argument("--size", type=parse_size, default=1 << 30, help="bytes to write and read (default 1G)")
-    pr.add_argument("--threads", type=int, default=4, help="I/O threads")
+    pr.add_argument("--io-threads", type=int, default=4, help="I/O threads")
     pr.add_argument("--repeats", type=int, default=1, help="best of this many passes")
     pr.add_argument("--no-demand", action="store_true", help="skip measuring the preset's demand")
     _add_model_options(pr)
@@ -121,7 +123,7 @@ def _bench(args: argparse.Namespace) -> int:
         seed=args.seed, probe_bytes=args.probe_size, offload_options=dict(args.offload_option),
         progress=not (args.no_progress or args.quiet), plots=not args.no_plots,
         deterministic=args.deterministic, sweep=args.sweep_micro_batch, memory_budget=args.memory_budget,
-        sweep_max_micro_batch=args.sweep_max_micro_batch)
+        sweep_max_micro_batch=args.sweep_max_micro_batch, threads=args.threads)
     report = run_bench(options)
     out = os.path.abspath(options.output)
     os.makedirs(out, exist_ok=True)
@@ -143,9 +145,9 @@ def _bench(args: argparse.Namespace) -> int:
 
 def _probe(args: argparse.Namespace) -> int:
     from .bench import probe
-    from .bench.runner import resolve_device, resolve_preset, BenchOptions
+    from .bench.runner import BenchOptions, default_threads, resolve_device, resolve_preset, torch_threads
 
-    result = probe.measure(args.path, nbytes=args.size, threads=args.threads, repeats=args.repeats)
+    result = probe.measure(args.path, nbytes=args.size, threads=args.io_threads, repeats=args.repeats)
     print(f"{result.path}: sequential write {result.write_bytes_per_s / 1e9:.2f} GB/s, read "
           f"{result.read_bytes_per_s / 1e9:.2f} GB/s ({result.nbytes / 2**20:.0f} MiB in "
           f"{result.block_bytes / 2**20:.0f} MiB requests, {result.threads} threads, "
@@ -156,7 +158,8 @@ def _probe(args: argparse.Namespace) -> int:
 
     device = resolve_device(args.device)
     preset = resolve_preset(BenchOptions(preset=args.preset, overrides=_overrides(args)), device)
-    d = measure_demand(preset, device, seed=args.seed)
+    with torch_threads(args.threads or default_threads(device)):
+        d = measure_demand(preset, device, seed=args.seed)
     frac = d.movable_fraction(result.write_bytes_per_s, result.read_bytes_per_s)
     print(f"preset {preset.name}, micro-batch {preset.micro_batch} on {device}: "
           f"{d.offloadable_bytes / 2**20:.1f} MiB offloadable activations per step; forward "

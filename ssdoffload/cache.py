@@ -79,6 +79,7 @@ class Entry:
     ready_event: Any = None        # CUDA: when the reloaded buffer may be used
     compute_stream: Any = None     # CUDA: the stream the tensor was produced / reloaded for
     error: Optional[BaseException] = None
+    checksums: Optional[List[int]] = None  # with verify: CRC-32C of each written piece
     prefetched: bool = False
     served: bool = False           # unpacked at least once (prefetch hit/miss counted)
     id: int = field(default_factory=lambda: next(_ids))

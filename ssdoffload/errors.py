@@ -16,3 +16,12 @@ class SpillReadError(OffloadError):
 
 class StateError(OffloadError):
     """An entry was asked to make a transition its state machine does not allow (a bug)."""
+
+
+class IntegrityError(OffloadError):
+    """A spill extent read back does not match the checksum taken when it was written."""
+
+    def __init__(self, path: str, offset: int, expected: int, got: int) -> None:
+        super().__init__(f"checksum mismatch in {path} at offset {offset}: "
+                         f"expected crc32c {expected:#010x}, read {got:#010x}")
+        self.path, self.offset = path, offset

@@ -14,7 +14,9 @@ step).
 from __future__ import annotations
 
 import atexit
+import concurrent.futures
 import contextlib
+import os
 import itertools
 import logging
 import threading
@@ -65,6 +67,7 @@ class Offloader:
             raise TypeError(f"model must be a torch.nn.Module or None, got {type(model).__name__}")
         self.config = config
         self.model = model
+        self._owner_pid = os.getpid()
         self._closed = False
         self._lock = threading.RLock()
         self._stats = StatsCollector()
@@ -81,7 +84,8 @@ class Offloader:
         try:
             self.engine = make_engine(config)
             self.cache = OffloadCache(on_free=self._on_free)
-            self.transfers = Transfers(self.engine, self._get_store, self.cache, self._stats)
+            self.transfers = Transfers(self.engine, self._get_store, self.cache, self._stats,
+                                       verify=config.verify)
             self.prefetcher = Prefetcher(self.cache, self.transfers, config.prefetch_depth)
             self.transfers.wanted = self.prefetcher.is_requested
             self.hooks = SavedTensorHooks(config, self.cache, self.transfers, self.prefetcher, self._stats)
@@ -113,7 +117,7 @@ class Offloader:
             with self.micro_batch(key):
                 yield self
         except BaseException:
-            self._abort()
+            self.abort()
             raise
         self.end_step()
 
@@ -205,6 +209,10 @@ class Offloader:
             return
         self._closed = True
         _live.discard(self)
+        if os.getpid() != self._owner_pid:
+            # A forked child (a DataLoader worker): the I/O threads and the spill files belong to
+            # the parent. Joining threads that do not exist here would hang; leave it all alone.
+            return
         if self.tracker is not None:
             self.tracker.remove()
         try:
@@ -241,16 +249,22 @@ class Offloader:
     def _check_open(self) -> None:
         if self._closed:
             raise OffloadError("this Offloader is closed; create a new one")
+        if os.getpid() != self._owner_pid:
+            raise OffloadError(
+                "this Offloader belongs to process %d and cannot be used in forked process %d; "
+                "create one in the child if it trains" % (self._owner_pid, os.getpid()))
 
-    def _abort(self) -> None:
-        """Discard all spill data (an exception escaped a step) and remove the files."""
+    def abort(self) -> None:
+        """Discard all spill data and remove the spill files (they are made again on the next
+        scope). ``step()`` calls this when an exception escapes it; schedules that scope
+        micro-batches themselves call it when a step fails. Later use of a discarded tensor
+        raises ``OffloadError``."""
         if not self.enabled or self._closed:
             return
         self.transfers.wait_writes()
         for entry in self.cache.all_entries():
-            for fut in (entry.read_future,):
-                if fut is not None:
-                    fut.exception()
+            if entry.read_future is not None:
+                concurrent.futures.wait([entry.read_future])
             with self.cache.lock:
                 if entry.state in (State.ON_DISK, State.LOADING):
                     entry.error = OffloadError(f"{entry.describe()} was discarded when a step failed")

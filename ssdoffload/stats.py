@@ -30,6 +30,7 @@ class OffloadStats:
     prefetch_misses: int = 0
     forwarded: int = 0
     write_failures: int = 0
+    writes_skipped: int = 0
     stall_seconds: float = 0.0
     write_seconds: float = 0.0
     read_seconds: float = 0.0

@@ -19,6 +19,7 @@ CUDA lifetime rules:
 """
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import threading
 import time
@@ -67,8 +68,9 @@ class Transfers:
     """Starts writes and loads of entries and waits for them."""
 
     def __init__(self, engine: IOEngine, store_getter: Callable[[], SpillStore], cache: OffloadCache,
-                 stats: StatsCollector) -> None:
+                 stats: StatsCollector, verify: bool = False) -> None:
         self.engine = engine
+        self.verify = verify
         self._store = store_getter
         self.cache = cache
         self.stats = stats
@@ -110,13 +112,16 @@ class Transfers:
             self._pending_writes.discard(fut)
 
     def _write_job(self, entry: Entry, src: torch.Tensor, ready) -> None:
+        if entry.state is State.FREED:  # backward already used and dropped it: nothing to save
+            self.stats.add(writes_skipped=1)
+            return
         backend = self.engine.backend_for(entry.device)
         self._write_clock.start()
         busy = 0.0
         t0 = time.perf_counter()
         try:
             with record_function("ssdoffload.write"):
-                backend.write(src, entry.extent, ready)
+                entry.checksums = backend.write(src, entry.extent, ready, self.verify)
             self.timeline.add("write", t0, time.perf_counter(), entry.nbytes, entry.layer, entry.scope)
         except OSError as exc:
             busy = self._write_clock.stop()
@@ -153,14 +158,13 @@ class Transfers:
         log.debug("ssdoffload: write of %s failed: %s", entry.describe(), exc)
 
     def wait_writes(self) -> None:
-        """Block until every queued write finished (successfully or not)."""
+        """Block until every queued write finished (successfully, failed or skipped)."""
         while True:
             with self._pending_lock:
                 pending = list(self._pending_writes)
             if not pending:
                 return
-            for fut in pending:
-                fut.exception()
+            concurrent.futures.wait(pending)
 
     # -- reads ---------------------------------------------------------------------------
     def start_load(self, entry: Entry, prefetch: bool) -> bool:
@@ -190,7 +194,7 @@ class Transfers:
         t0 = time.perf_counter()
         try:
             with record_function("ssdoffload.read"):
-                ready = backend.read(dst, entry.extent, allocated)
+                ready = backend.read(dst, entry.extent, allocated, entry.checksums)
             self.timeline.add("read", t0, time.perf_counter(), entry.nbytes, entry.layer, entry.scope)
         except BaseException as exc:
             self.stats.add(read_seconds=self._read_clock.stop())
@@ -270,6 +274,8 @@ class Transfers:
         if storage is not None and entry.ready_event is not None and entry.compute_stream is not None:
             entry.compute_stream.wait_event(entry.ready_event)
         del storage
+        if entry.write_future is not None and entry.write_future.cancel():
+            self.stats.add(writes_skipped=1)  # freed before its write started
         futures = [f for f in (entry.write_future, entry.read_future) if f is not None]
         extent = entry.extent
         if extent is None:

@@ -54,6 +54,24 @@ class BenchOptions:
     sweep: bool = False
     memory_budget: Optional[int] = None
     sweep_max_micro_batch: Optional[int] = None
+    threads: Optional[int] = None  # torch intra-op threads; default on a CPU: cores - 1
+
+
+def default_threads(device: torch.device) -> int:
+    """On a CPU host, leave one core to the I/O threads (a GPU host leaves them its CPU)."""
+    if device.type != "cpu":
+        return torch.get_num_threads()
+    return max(1, (os.cpu_count() or 2) - 1)
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -106,9 +124,14 @@ class _NoBar:
 
 
 def run_bench(options: BenchOptions) -> dict:
-    """Run the comparison; returns the report (also written as JSON, with plots)."""
-    started = time.perf_counter()
+    """Run the comparison; returns the report (``__main__`` writes it as JSON, with plots)."""
     device = resolve_device(options.device)
+    with torch_threads(options.threads or default_threads(device)):
+        return _run(options, device)
+
+
+def _run(options: BenchOptions, device: torch.device) -> dict:
+    started = time.perf_counter()
     if device.type == "cuda":
         torch.cuda.set_device(device)
     preset = resolve_preset(options, device)
@@ -184,6 +207,7 @@ def run_bench(options: BenchOptions) -> dict:
         "device": str(device),
         "memory_kind": "cuda max_memory_allocated" if cuda else "peak resident activation bytes",
         "tokens_per_step": tokens_per_step,
+        "torch_threads": torch.get_num_threads(),
         "strategies": summaries,
         "loss_check": losses,
         "probe": [p.as_dict() for p in probes],

@@ -33,6 +33,9 @@ class BackendSet(dict):
                 "OffloadConfig.backend='kvikio' but kvikio cannot be imported; install the "
                 "'gds' extra (pip install kvikio-cu13) or use backend='native'"
             )
+        if config.backend == "kvikio" and config.verify:
+            raise ValueError("OffloadConfig.verify=True needs backend='native' or 'auto' (kvikio "
+                             "moves device memory directly, so there is no host copy to checksum)")
         self.config = config
         self.native = NativeEngine(config.io_threads, config.chunk_bytes)
         self["cpu"] = NativeHostBackend(self.native)
@@ -47,7 +50,8 @@ class BackendSet(dict):
 
     def _make_cuda_backend(self) -> Backend:
         cfg = self.config
-        if cfg.backend == "kvikio" or (cfg.backend == "auto" and kvikio_available()):
+        # verify checksums pieces in pinned host memory, which kvikio's path never touches.
+        if not cfg.verify and (cfg.backend == "kvikio" or (cfg.backend == "auto" and kvikio_available())):
             backend = KvikioBackend(cfg.io_threads, cfg.chunk_bytes)
             log.info("ssdoffload: CUDA tensors go through kvikio (compat mode: %s)", backend.compat_mode)
             return backend

@@ -24,11 +24,20 @@ from __future__ import annotations
 
 import abc
 import concurrent.futures
-from typing import Optional
+from typing import List, Optional
 
 import torch
 
+from .. import _native
+from ..errors import IntegrityError
 from ..store import Extent
+
+
+def check_crc(address: int, nbytes: int, expected: int, extent: Extent, offset: int) -> None:
+    """Raise ``IntegrityError`` unless the CRC-32C of the memory matches ``expected``."""
+    got = _native.crc32c(address, nbytes)
+    if got != expected:
+        raise IntegrityError(extent.file.path, extent.offset + offset, expected, got)
 
 
 def byte_view(storage: torch.UntypedStorage) -> torch.Tensor:
@@ -48,13 +57,20 @@ class Backend(abc.ABC):
         """Whether this backend can move tensors living on ``device``."""
 
     @abc.abstractmethod
-    def write(self, src: torch.Tensor, extent: Extent, ready: Optional["torch.cuda.Event"]) -> None:
-        """Write all of ``src`` at ``extent``. Raises ``OSError`` on failure."""
+    def write(self, src: torch.Tensor, extent: Extent, ready: Optional["torch.cuda.Event"],
+              verify: bool = False) -> Optional[List[int]]:
+        """Write all of ``src`` at ``extent``. Raises ``OSError`` on failure.
+
+        With ``verify``, returns the CRC-32C of each piece written (the backend's granularity),
+        to be handed back to ``read``.
+        """
 
     @abc.abstractmethod
-    def read(self, dst: torch.Tensor, extent: Extent,
-             allocated: Optional["torch.cuda.Event"]) -> Optional["torch.cuda.Event"]:
-        """Fill all of ``dst`` from ``extent``. Raises ``OSError`` on failure."""
+    def read(self, dst: torch.Tensor, extent: Extent, allocated: Optional["torch.cuda.Event"],
+             expected: Optional[List[int]] = None) -> Optional["torch.cuda.Event"]:
+        """Fill all of ``dst`` from ``extent``. Raises ``OSError`` on failure, and
+        ``IntegrityError`` when ``expected`` checksums do not match what was read (before any
+        of it reaches ``dst`` on a device)."""
 
     def close(self) -> None:
         """Release what the backend holds (threads, pinned memory, file handles)."""

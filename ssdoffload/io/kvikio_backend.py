@@ -59,15 +59,18 @@ class KvikioBackend(Backend):
                 self._files[path] = f
             return f
 
-    def write(self, src: torch.Tensor, extent: Extent, ready: Optional[torch.cuda.Event]) -> None:
+    def write(self, src: torch.Tensor, extent: Extent, ready: Optional[torch.cuda.Event],
+              verify: bool = False) -> None:
+        if verify:  # BackendSet never routes verified writes here
+            raise ValueError("the kvikio backend does not checksum; use the staged native backend")
         if ready is not None:
             ready.synchronize()
         n = self._file(extent).pwrite(src, src.numel(), extent.offset, self._task_bytes).get()
         if n != src.numel():
             raise OSError(5, f"short write: {n} of {src.numel()} bytes", extent.file.path)
 
-    def read(self, dst: torch.Tensor, extent: Extent,
-             allocated: Optional[torch.cuda.Event]) -> Optional[torch.cuda.Event]:
+    def read(self, dst: torch.Tensor, extent: Extent, allocated: Optional[torch.cuda.Event],
+             expected=None) -> Optional[torch.cuda.Event]:
         if allocated is not None:
             allocated.synchronize()
         n = self._file(extent).pread(dst, dst.numel(), extent.offset, self._task_bytes).get()

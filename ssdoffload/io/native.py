@@ -8,13 +8,13 @@ uses this engine.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import List, Optional
 
 import torch
 
 from .. import _native
 from ..store import Extent
-from .base import Backend
+from .base import Backend, check_crc
 
 
 class NativeEngine:
@@ -50,11 +50,17 @@ class NativeHostBackend(Backend):
     def supports(self, device: torch.device) -> bool:
         return device.type == "cpu"
 
-    def write(self, src: torch.Tensor, extent: Extent, ready: Optional[object]) -> None:
+    def write(self, src: torch.Tensor, extent: Extent, ready: Optional[object],
+              verify: bool = False) -> Optional[List[int]]:
+        crc = _native.crc32c(src.data_ptr(), src.numel()) if verify else None
         self.engine.write(src.data_ptr(), src.numel(), extent)
+        return [crc] if verify else None
 
-    def read(self, dst: torch.Tensor, extent: Extent, allocated: Optional[object]) -> None:
+    def read(self, dst: torch.Tensor, extent: Extent, allocated: Optional[object],
+             expected: Optional[List[int]] = None) -> None:
         self.engine.read(dst.data_ptr(), dst.numel(), extent)
+        if expected is not None:
+            check_crc(dst.data_ptr(), dst.numel(), expected[0], extent, 0)
         return None
 
     def close(self) -> None:

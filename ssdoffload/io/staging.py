@@ -25,7 +25,8 @@ import torch
 
 from ..allocator import align_up
 from ..store import Extent
-from .base import Backend
+from .. import _native
+from .base import Backend, check_crc
 from .native import NativeEngine
 
 
@@ -72,8 +73,10 @@ class StagedCudaBackend(Backend):
     def supports(self, device: torch.device) -> bool:
         return device.type == "cuda"
 
-    def write(self, src: torch.Tensor, extent: Extent, ready: Optional[torch.cuda.Event]) -> None:
+    def write(self, src: torch.Tensor, extent: Extent, ready: Optional[torch.cuda.Event],
+              verify: bool = False) -> Optional[List[int]]:
         nbytes = src.numel()
+        crcs: List[int] = []
         slab_bytes = self.pool.slab_bytes
         inflight: deque = deque()  # (slab, request)
         try:
@@ -91,11 +94,14 @@ class StagedCudaBackend(Backend):
                 except BaseException:
                     self.pool.release(slab)
                     raise
+                if verify:
+                    crcs.append(_native.crc32c(slab.data_ptr(), n))
                 inflight.append((slab, self.engine.write_at(slab.data_ptr(), n, extent, start)))
                 while len(inflight) > 1:  # keep one write in flight while the next piece copies
                     self._finish(inflight.popleft())
             while inflight:
                 self._finish(inflight.popleft())
+            return crcs if verify else None
         finally:
             while inflight:  # an error: wait for the rest before the slabs are reused
                 slab, request = inflight.popleft()
@@ -109,8 +115,8 @@ class StagedCudaBackend(Backend):
         finally:
             self.pool.release(slab)
 
-    def read(self, dst: torch.Tensor, extent: Extent,
-             allocated: Optional[torch.cuda.Event]) -> Optional[torch.cuda.Event]:
+    def read(self, dst: torch.Tensor, extent: Extent, allocated: Optional[torch.cuda.Event],
+             expected: Optional[List[int]] = None) -> Optional[torch.cuda.Event]:
         nbytes = dst.numel()
         slab_bytes = self.pool.slab_bytes
         pending: deque = deque()  # (slab, event) whose host-to-device copy may still run
@@ -123,6 +129,8 @@ class StagedCudaBackend(Backend):
                 slab = self.pool.acquire()
                 try:
                     self.engine.read(slab.data_ptr(), n, extent, start)
+                    if expected is not None:
+                        check_crc(slab.data_ptr(), n, expected[start // slab_bytes], extent, start)
                     with torch.cuda.stream(self._h2d):
                         dst[start:start + n].copy_(slab[:n], non_blocking=True)
                         ev = torch.cuda.Event()
