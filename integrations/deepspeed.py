@@ -557,7 +557,7 @@ def attach(engine: Any, config: Optional[OffloadConfig] = None) -> Any:
             if path.endswith(os.path.join("", "rank{rank}")) and not os.path.isdir(base):
                 prepare_directory(os.path.abspath(os.path.expanduser(base)))
         offloader = Offloader(module, config)
-    except (ValueError, OSError, OffloadError) as exc:
+    except Exception as exc:  # reported on every rank below, so none is left waiting
         error = exc
     try:
         _agree(error)

@@ -77,6 +77,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--vocab", type=int, default=1024)
+    ap.add_argument("--micro-batch", type=int, help="overrides train_micro_batch_size_per_gpu")
     ap.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
     ap = deepspeed.add_config_arguments(ap)
     return ap.parse_args()
@@ -101,6 +102,8 @@ def main() -> None:
         config.pop("bf16", None)
 
     cfg = GPTConfig(vocab=args.vocab, seq=args.seq, hidden=args.hidden, heads=args.heads, layers=args.layers)
+    if args.micro_batch:
+        config["train_micro_batch_size_per_gpu"] = args.micro_batch
     micro = config["train_micro_batch_size_per_gpu"]
     gas = config.get("gradient_accumulation_steps", 1)
     torch.manual_seed(0)
