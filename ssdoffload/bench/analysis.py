@@ -75,13 +75,13 @@ def summarize_strategy(name: str, records: List[StepRecord], warmup: int, tokens
             "write_failures": sum(o["write_failures"] for o in off),
         }
     if memory is not None:
-        act, method = _activation_bytes(name, memory, keep_memory, resident_peak)
+        act, method = activation_bytes(name, memory, keep_memory, resident_peak)
         out["peak_activation_bytes"] = act
         out["peak_activation_method"] = method
     return out
 
 
-def _activation_bytes(name: str, mem: MemoryPass, keep: Optional[MemoryPass],
+def activation_bytes(name: str, mem: MemoryPass, keep: Optional[MemoryPass],
                       resident_peak: Optional[int]) -> tuple:
     """Peak saved-activation bytes on the compute device, and how it was obtained."""
     block = keep.max_layer_bytes if keep is not None else mem.max_layer_bytes

@@ -48,7 +48,10 @@ class Demand:
 def measure_demand(preset: Preset, device: torch.device, seed: int = 0, steps: int = 2) -> Demand:
     """Keep everything for 1 + ``steps`` steps; the median forward/backward times of the last."""
     torch.manual_seed(seed)
-    strategy = Strategy("keep", preset.model, GPT(preset.model).state_dict(), device)
+    with torch.device(device):
+        state = GPT(preset.model).state_dict()
+    strategy = Strategy("keep", preset.model, state, device)
+    del state
     try:
         batch = synthetic_batch(preset.model, preset.micro_batch, device, seed=seed)
         mem = memory_pass(strategy, batch, seed, preset.dtype, preset.min_offload_bytes)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import logging
 import os
 import shutil
@@ -150,7 +151,8 @@ def _run(options: BenchOptions, device: torch.device) -> dict:
         probes = probe.measure_all(paths, options.probe_bytes, threads=preset.io_threads)
         write_bps, read_bps = probe.total_bandwidth(probes)
         torch.manual_seed(options.seed)
-        initial = GPT(cfg).state_dict()
+        with torch.device(device):
+            initial = GPT(cfg).state_dict()
         config = offload_config_for(preset, paths, options.offload_options)
         strategies = build_strategies(names, cfg, initial, device, lambda name: config)
         del initial
@@ -184,6 +186,10 @@ def _run(options: BenchOptions, device: torch.device) -> dict:
             bar.close()
             for s in strategies.values():
                 s.close()
+            strategies.clear()  # free the model copies (GPU memory) before the sweep
+            gc.collect()
+            if cuda:
+                torch.cuda.empty_cache()
         env = environment(device, list(paths))
         temporary = not options.spill_paths
         sweep = None

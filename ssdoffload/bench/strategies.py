@@ -36,7 +36,8 @@ class Strategy:
         self.name = name
         self.device = device
         self.recompute = name in ("recompute", "ssd+recompute")
-        self.model = GPT(cfg, recompute=self.recompute)
+        with torch.device(device):  # initialise on the device: a 1B model builds in seconds there
+            self.model = GPT(cfg, recompute=self.recompute)
         self.model.load_state_dict(state_dict)
         self.model.to(device).train()
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=lr)

@@ -17,7 +17,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from ..config import OffloadConfig
-from .analysis import _activation_bytes
+from .analysis import activation_bytes
 from .memory import PeakRSS
 from .model import GPT, synthetic_batch
 from .presets import Preset
@@ -45,7 +45,7 @@ def _measure(name: str, preset: Preset, mb: int, device: torch.device, config: O
     resident = None
     if timed[0].offload is not None:
         resident = int(statistics.median(r.offload["peak_resident_bytes"] for r in timed))
-    activation, _ = _activation_bytes(name, mem, keep_like, resident)
+    activation, _ = activation_bytes(name, mem, keep_like, resident)
     cuda_peak = max(r.cuda_peak_bytes or 0 for r in timed) if device.type == "cuda" else None
     return {"micro_batch": mb, "step_seconds": median, "tokens_per_second": mb * cfg.seq / median,
             "peak_activation_bytes": activation, "cuda_peak_bytes": cuda_peak,
@@ -70,7 +70,8 @@ def sweep_micro_batch(names: Sequence[str], preset: Preset, device: torch.device
     if max_micro_batch is None:
         max_micro_batch = 64 if cuda else 8 * preset.micro_batch
     torch.manual_seed(seed)
-    state = GPT(preset.model).state_dict()
+    with torch.device(device):
+        state = GPT(preset.model).state_dict()
     rows: Dict[str, List[dict]] = {}
     best: Dict[str, Optional[dict]] = {}
     for name in names:
@@ -80,8 +81,9 @@ def sweep_micro_batch(names: Sequence[str], preset: Preset, device: torch.device
             try:
                 row = _measure(name, preset, mb, device, config, state, seed)
             except torch.cuda.OutOfMemoryError:
-                torch.cuda.empty_cache()
                 row = {"micro_batch": mb, "out_of_memory": True, "memory_bytes": None}
+            if cuda:
+                torch.cuda.empty_cache()
             row["fits"] = row.get("memory_bytes") is not None and row["memory_bytes"] <= budget
             rows[name].append(row)
             if progress:
