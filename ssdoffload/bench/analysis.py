@@ -50,6 +50,8 @@ def summarize_strategy(name: str, records: List[StepRecord], warmup: int, tokens
         "backward_seconds": _median([r.backward_seconds for r in measured]),
         "tokens_per_second": tokens_per_step / step["median"] if step["median"] else None,
         "peak_rss_bytes": max(r.peak_rss_bytes for r in measured),
+        "thread_cpu_seconds": _median([r.thread_cpu_seconds for r in measured]),
+        "process_cpu_seconds": _median([r.process_cpu_seconds for r in measured]),
         "losses": [r.loss for r in records],
         "final_loss": records[-1].loss if records else None,
     }
@@ -249,6 +251,10 @@ def _time_note(keep: dict, ssd: dict, bound: Optional[dict]) -> str:
     else:
         parts.append(f"backward stalled only {stall:.3f} s, so the cost is host work: hook calls per "
                      "saved tensor and the I/O threads' copies competing with compute for the CPU cores")
+        if keep.get("thread_cpu_seconds") is not None and ssd.get("thread_cpu_seconds") is not None:
+            parts.append(f"the step's own thread used {ssd['thread_cpu_seconds']:.3f} s of CPU "
+                         f"(keep {keep['thread_cpu_seconds']:.3f} s) and the whole process "
+                         f"{ssd['process_cpu_seconds']:.3f} s (keep {keep['process_cpu_seconds']:.3f} s)")
         fw = ssd.get("forward_seconds", 0) - keep.get("forward_seconds", 0)
         parts.append(f"forward +{fw:.3f} s, backward "
                      f"+{ssd.get('backward_seconds', 0) - keep.get('backward_seconds', 0):.3f} s")

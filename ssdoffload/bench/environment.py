@@ -101,6 +101,7 @@ def environment(device: torch.device, spill_paths: List[str]) -> Dict[str, objec
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "host_memory_bytes": _memory_bytes(),
+        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "device": str(device),
         "cuda": torch.version.cuda,
         "spill_disks": [disk_info(p) for p in spill_paths],

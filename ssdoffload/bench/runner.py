@@ -133,6 +133,7 @@ def run_bench(options: BenchOptions) -> dict:
 
 def _run(options: BenchOptions, device: torch.device) -> dict:
     started = time.perf_counter()
+    load_before = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     if device.type == "cuda":
         torch.cuda.set_device(device)
     preset = resolve_preset(options, device)
@@ -191,6 +192,7 @@ def _run(options: BenchOptions, device: torch.device) -> dict:
             if cuda:
                 torch.cuda.empty_cache()
         env = environment(device, list(paths))
+        env["load_average_at_start"] = load_before
         temporary = not options.spill_paths
         sweep = None
         if options.sweep:

@@ -76,6 +76,8 @@ class StepRecord:
     peak_rss_bytes: int
     cuda_peak_bytes: Optional[int] = None
     offload: Optional[dict] = None
+    thread_cpu_seconds: float = 0.0  # CPU time of the thread that ran the step
+    process_cpu_seconds: float = 0.0  # CPU time of the whole process (I/O threads included)
 
 
 def run_step(strategy: Strategy, batch: Tuple[torch.Tensor, torch.Tensor], rng_seed: int,
@@ -93,6 +95,7 @@ def run_step(strategy: Strategy, batch: Tuple[torch.Tensor, torch.Tensor], rng_s
     torch.manual_seed(rng_seed)  # seeds the CUDA generators too
     rss.reset()
     clock.start()
+    cpu0, thread0 = time.process_time(), time.thread_time()
     with strategy.context():
         with autocast(device, dtype):
             loss = strategy.model(tokens, targets)
@@ -103,6 +106,7 @@ def run_step(strategy: Strategy, batch: Tuple[torch.Tensor, torch.Tensor], rng_s
     strategy.optimizer.zero_grad(set_to_none=True)
     strategy.finish()
     seconds, fwd, bwd = clock.stop()
+    thread_cpu, process_cpu = time.thread_time() - thread0, time.process_time() - cpu0
     cuda_peak = None
     if device.type == "cuda":
         # The step's own peak over what was allocated before it (other strategies' models),
@@ -111,7 +115,8 @@ def run_step(strategy: Strategy, batch: Tuple[torch.Tensor, torch.Tensor], rng_s
     stats = strategy.step_stats()
     return StepRecord(step=step, seconds=seconds, forward_seconds=fwd, backward_seconds=bwd,
                       loss=float(loss.detach().float().item()), peak_rss_bytes=rss.read(),
-                      cuda_peak_bytes=cuda_peak, offload=stats.as_dict() if stats is not None else None)
+                      cuda_peak_bytes=cuda_peak, offload=stats.as_dict() if stats is not None else None,
+                      thread_cpu_seconds=thread_cpu, process_cpu_seconds=process_cpu)
 
 
 @dataclass
