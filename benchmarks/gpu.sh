@@ -24,8 +24,8 @@ import torch, os
 print("torch", torch.__version__, "cuda", torch.version.cuda, "gpu", torch.cuda.get_device_name(0))
 print("cpus", os.cpu_count())
 PY
-df -hT "$(dirname "$SPILL")" | tee -a "$SUMMARY"
-mkdir -p "$(dirname "$SPILL")"
+mkdir -p "$SPILL"
+df -hT "$SPILL" | tee -a "$SUMMARY"
 
 run() {  # run NAME LIMIT_S ARGS...
   local name=$1 limit=$2; shift 2
@@ -39,11 +39,11 @@ run() {  # run NAME LIMIT_S ARGS...
 }
 
 # 1. the drive, and what gpu-1b at micro-batch 4 asks of it
-run probe 90 probe "$SPILL/probe" --size 2G --preset gpu-1b
+run probe 60 probe "$SPILL/probe" --size 1G --preset gpu-1b
 # 2. SSDTrain-style wide model: the case where a drive has the best chance to hide full offload
-run gpu-wide 200 bench --preset gpu-wide --steps 4 --warmup 2 --spill-path "$SPILL/wide" -o "$OUT_DIR/gpu-wide" --no-progress
+run gpu-wide 220 bench --preset gpu-wide --steps 3 --warmup 1 --spill-path "$SPILL/wide" -o "$OUT_DIR/gpu-wide" --no-progress
 # 3. ~1.1B GPT, seq 2048
-run gpu-1b 220 bench --preset gpu-1b --steps 4 --warmup 2 --spill-path "$SPILL/1b" -o "$OUT_DIR/gpu-1b" --no-progress
+run gpu-1b 250 bench --preset gpu-1b --steps 3 --warmup 1 --spill-path "$SPILL/1b" -o "$OUT_DIR/gpu-1b" --no-progress
 # 4. are CUDA kernels the reason if losses differ? a small deterministic run
 run determinism 60 bench --preset gpu-350m --layers 4 --steps 2 --warmup 1 --strategies keep,recompute,ssd \
     --deterministic --no-plots --spill-path "$SPILL/det" -o "$OUT_DIR/determinism" --no-progress
