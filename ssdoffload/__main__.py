@@ -94,6 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "4x keep's activation bytes)")
     b.add_argument("--sweep-max-micro-batch", type=int, help="stop the sweep at this micro-batch")
     b.add_argument("--deterministic", action="store_true", help="torch.use_deterministic_algorithms (CUDA)")
+    b.add_argument("--trace", action="store_true", help="also write trace_ssd_step.json, a torch.profiler "
+                   "trace of one ssd step (open in Perfetto): model ops and ssdoffload.stall spans; the "
+                   "writes and reads are in timeline_ssd_step.png (they run on I/O threads the profiler "
+                   "does not record)")
     b.add_argument("--no-plots", action="store_true")
     b.add_argument("--no-progress", action="store_true")
     b.add_argument("--quiet", "-q", action="store_true", help="print only the last line")
@@ -123,7 +127,7 @@ def _bench(args: argparse.Namespace) -> int:
         seed=args.seed, probe_bytes=args.probe_size, offload_options=dict(args.offload_option),
         progress=not (args.no_progress or args.quiet), plots=not args.no_plots,
         deterministic=args.deterministic, sweep=args.sweep_micro_batch, memory_budget=args.memory_budget,
-        sweep_max_micro_batch=args.sweep_max_micro_batch, threads=args.threads)
+        sweep_max_micro_batch=args.sweep_max_micro_batch, threads=args.threads, trace=args.trace)
     report = run_bench(options)
     out = os.path.abspath(options.output)
     os.makedirs(out, exist_ok=True)
@@ -133,7 +137,9 @@ def _bench(args: argparse.Namespace) -> int:
             files = plots.write_all(report, out)
         except ImportError:
             print("matplotlib is not installed: no plots (pip install 'ssdoffload[bench]')", file=sys.stderr)
-    report["files"] = {"json": os.path.join(out, "bench.json"), "plots": files}
+    trace = os.path.join(out, "trace_ssd_step.json")
+    report["files"] = {"json": os.path.join(out, "bench.json"), "plots": files,
+                       "trace": trace if options.trace and os.path.exists(trace) else None}
     report_mod.write_json(report, report["files"]["json"])
     if not args.quiet:
         print(report_mod.format_table(report))

@@ -116,9 +116,11 @@ def test_loss_mismatch_is_reported():
 
 def test_bench_subset_and_sweep(tmp_path, spill_dir):
     opts = BenchOptions(preset="tiny", overrides={"steps": 1, "warmup": 0}, strategies=("ssd",),
-                        spill_paths=[spill_dir], progress=False, timeline=False, probe_bytes=4 << 20,
-                        sweep=True, sweep_max_micro_batch=2)
+                        spill_paths=[spill_dir], progress=False, probe_bytes=4 << 20, sweep=True,
+                        sweep_max_micro_batch=2, output=str(tmp_path), trace=True)
     report = run_bench(opts)
+    trace = json.loads((tmp_path / "trace_ssd_step.json").read_text())
+    assert any(str(e.get("name", "")).startswith("aten::") for e in trace["traceEvents"])
     assert list(report["strategies"]) == ["keep", "ssd"]  # keep is always the baseline
     assert report["loss_check"]["identical"]
     sweep = report["sweep"]

@@ -51,6 +51,7 @@ class BenchOptions:
     progress: bool = True
     plots: bool = True
     timeline: bool = True
+    trace: bool = False  # also write a torch.profiler Chrome trace of the timeline step
     deterministic: bool = False
     sweep: bool = False
     memory_budget: Optional[int] = None
@@ -182,7 +183,12 @@ def _run(options: BenchOptions, device: torch.device) -> dict:
             if options.timeline:
                 ssd_name = "ssd" if "ssd" in strategies else "ssd+recompute" if "ssd+recompute" in strategies else None
                 if ssd_name is not None:
-                    timeline = timeline_step(strategies[ssd_name], batch0, options.seed, preset.dtype)
+                    trace_path = None
+                    if options.trace:
+                        os.makedirs(options.output, exist_ok=True)
+                        trace_path = os.path.join(os.path.abspath(options.output), "trace_ssd_step.json")
+                    timeline = timeline_step(strategies[ssd_name], batch0, options.seed, preset.dtype,
+                                             trace_path)
         finally:
             bar.close()
             for s in strategies.values():

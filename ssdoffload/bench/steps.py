@@ -183,8 +183,13 @@ class TimelineRecord:
 
 
 def timeline_step(strategy: Strategy, batch: Tuple[torch.Tensor, torch.Tensor], rng_seed: int,
-                  dtype: str) -> TimelineRecord:
+                  dtype: str, trace_path: Optional[str] = None) -> TimelineRecord:
     """An extra, untimed ssd step with the transfer timeline on and layer forward spans.
+
+    With ``trace_path`` the step also runs under ``torch.profiler`` and its Chrome trace (open
+    it in Perfetto) is written there: the ``ssdoffload.stall`` spans sit beside the model's ops.
+    (The ``ssdoffload.write/read`` spans are recorded on the I/O threads, which torch.profiler's
+    CPU collection does not follow in torch 2.13; the transfer timeline has them.)
 
     On CUDA the layer hooks synchronize so that the spans are real compute times; that adds
     small gaps, which is why this step is not one of the measured ones.
@@ -215,16 +220,25 @@ def timeline_step(strategy: Strategy, batch: Tuple[torch.Tensor, torch.Tensor], 
     off.timeline()  # drop anything recorded before
     tokens, targets = batch
     torch.manual_seed(rng_seed)
+    profiler = contextlib.nullcontext()
+    if trace_path is not None:
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if cuda:
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        profiler = torch.profiler.profile(activities=activities)
     try:
-        t0 = now()
-        with strategy.context():
-            with autocast(device, dtype):
-                loss = strategy.model(tokens, targets)
-            t1 = now()
-            loss.backward()
-            t2 = now()
-        strategy.finish()
-        events = off.timeline(False)
+        with profiler as prof:
+            t0 = now()
+            with strategy.context():
+                with autocast(device, dtype):
+                    loss = strategy.model(tokens, targets)
+                t1 = now()
+                loss.backward()
+                t2 = now()
+            strategy.finish()
+            events = off.timeline(False)
+        if trace_path is not None:
+            prof.export_chrome_trace(trace_path)
     finally:
         for h in handles:
             h.remove()
