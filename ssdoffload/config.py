@@ -13,6 +13,9 @@ from typing import Any, Mapping, Optional, Sequence, Union
 import torch
 
 BACKENDS = ("auto", "native", "kvikio")
+#: ``"adaptive"``: offload what the drive can hide (measured, re-planned); ``"all"``: every
+#: offloadable tensor, always (the fixed full-offload plan).
+POLICIES = ("adaptive", "all")
 
 #: Fields that only make sense from Python (module objects), not from a JSON block.
 _PYTHON_ONLY_FIELDS = ("layers",)
@@ -43,6 +46,25 @@ class OffloadConfig:
         pinned_pool_bytes: Pinned host memory used to stage CUDA tensors (native backend only).
         verify: Checksum every extent when written and check it when read.
         enabled: ``False`` turns the offloader into a no-op (used by framework config blocks).
+        policy: ``"adaptive"`` (default): the first step offloads everything and measures, per
+            layer, the bytes saved and the compute time, and the achieved write/read bandwidth;
+            from then on only the layers whose I/O the drive can hide are offloaded (the rest,
+            typically the last layers, stay on the device), re-planned with damping when
+            stalls or bandwidth change (``Offloader.plan()``, logger ``"ssdoffload"``).
+            ``"all"``: offload every offloadable tensor, always.
+        host_cache_bytes: A host-RAM tier in front of the drive: up to this many bytes of
+            activations go to pinned host memory (CUDA tensors; copied on a side stream) and
+            only the rest to the spill files; reloads from RAM need no disk I/O. The budget is
+            never exceeded. On a CPU-only host the activations already live in host memory,
+            so the tier keeps up to this many bytes in place (no copy, no I/O) and spills the
+            rest. 0 (default) disables the tier.
+        max_write_bandwidth: Cap, in bytes per second, on what the offloader writes to the
+            spill files (a token bucket in the write path), for a drive shared with other
+            writers or to limit wear. The adaptive policy plans with it. ``None``: no cap.
+        max_read_bandwidth: The same cap for reads (e.g. to emulate a slower or throttled
+            drive). ``None``: no cap.
+        stall_tolerance: The adaptive policy's target: predicted backward waiting on reads,
+            as a fraction of the step time, that a plan may cost (default 0.01).
     """
 
     path: Union[str, Sequence[str]] = ""
@@ -56,6 +78,11 @@ class OffloadConfig:
     pinned_pool_bytes: int = 256 << 20
     verify: bool = False
     enabled: bool = True
+    policy: str = "adaptive"
+    host_cache_bytes: int = 0
+    max_write_bandwidth: Optional[float] = None
+    max_read_bandwidth: Optional[float] = None
+    stall_tolerance: float = 0.01
     paths: tuple = field(init=False, repr=False, default=())
 
     def __post_init__(self) -> None:
@@ -74,6 +101,27 @@ class OffloadConfig:
         if self.backend not in BACKENDS:
             raise ValueError(
                 f"OffloadConfig.backend={self.backend!r} is not one of {', '.join(BACKENDS)}"
+            )
+        if self.policy not in POLICIES:
+            raise ValueError(
+                f"OffloadConfig.policy={self.policy!r} is not one of {', '.join(POLICIES)}"
+            )
+        _require_int("host_cache_bytes", self.host_cache_bytes, minimum=0)
+        for name in ("max_write_bandwidth", "max_read_bandwidth"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 \
+                    or value != value or value == float("inf"):
+                raise ValueError(
+                    f"OffloadConfig.{name}={value!r} must be a positive number of bytes per "
+                    "second (e.g. 500e6), or None for no cap"
+                )
+        tol = self.stall_tolerance
+        if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 <= tol <= 0.5:
+            raise ValueError(
+                f"OffloadConfig.stall_tolerance={tol!r} must be a fraction of the step time "
+                "in [0, 0.5]"
             )
         for name in ("verify", "enabled"):
             if not isinstance(getattr(self, name), bool):

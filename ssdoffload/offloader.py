@@ -16,6 +16,7 @@ from __future__ import annotations
 import atexit
 import concurrent.futures
 import contextlib
+import dataclasses
 import os
 import itertools
 import logging
@@ -25,6 +26,7 @@ from typing import Any, Iterator, Optional
 
 import torch
 
+from .adaptive import RAM, SSD, AdaptivePolicy, Plan, StepObservation
 from .cache import OffloadCache, State
 from .config import OffloadConfig
 from .errors import OffloadError
@@ -33,9 +35,14 @@ from .io import make_engine
 from .layers import LayerTracker, find_layers
 from .policy import parameter_storages
 from .prefetch import Prefetcher
+from .profiling import StepProfiler
 from .stats import OffloadStats, StatsCollector
 from .store import SpillStore
+from .tiers import HostTier, RateLimiter
 from .transfers import Transfers
+
+#: Fewer bytes than this moved in a step say little about a drive's bandwidth.
+_MIN_MEASURED_BYTES = 64 << 10
 
 log = logging.getLogger("ssdoffload")
 
@@ -78,24 +85,45 @@ class Offloader:
         self._store: Optional[SpillStore] = None
         self.engine = None
         self.tracker: Optional[LayerTracker] = None
+        self.tier: Optional[HostTier] = None
+        self.adaptive: Optional[AdaptivePolicy] = None
+        self.profiler: Optional[StepProfiler] = None
         if not config.enabled:
             return
         self._store = SpillStore(self.paths, config.initial_file_bytes)
         try:
             self.engine = make_engine(config)
             self.cache = OffloadCache(on_free=self._on_free)
+            if config.host_cache_bytes > 0:
+                self.tier = HostTier(config.host_cache_bytes)
             self.transfers = Transfers(self.engine, self._get_store, self.cache, self._stats,
-                                       verify=config.verify)
+                                       verify=config.verify, tier=self.tier,
+                                       max_write_bandwidth=config.max_write_bandwidth,
+                                       max_read_bandwidth=config.max_read_bandwidth)
             self.prefetcher = Prefetcher(self.cache, self.transfers, config.prefetch_depth)
             self.transfers.wanted = self.prefetcher.is_requested
-            self.hooks = SavedTensorHooks(config, self.cache, self.transfers, self.prefetcher, self._stats)
             layers = config.layers if config.layers is not None else find_layers(model)
+            if config.policy == "adaptive":
+                if layers:
+                    self.profiler = StepProfiler()
+                    self.adaptive = AdaptivePolicy(
+                        depth=config.prefetch_depth, host_cache_bytes=config.host_cache_bytes,
+                        write_cap=config.max_write_bandwidth, read_cap=config.max_read_bandwidth,
+                        tolerance=config.stall_tolerance)
+                else:
+                    log.info("ssdoffload: policy 'adaptive' needs layers to plan with and found none; "
+                             "offloading everything (as policy 'all')")
+            self.hooks = SavedTensorHooks(config, self.cache, self.transfers, self.prefetcher, self._stats,
+                                          placement=self._place, profiler=self.profiler)
             self.tracker = LayerTracker(layers, self._enter_layer, self._exit_layer, self._layer_backward)
         except BaseException:
             self.close()
             raise
         _live.add(self)
-        log.info("ssdoffload: offloading to %s (%d layers tracked)", ", ".join(self.paths), len(layers))
+        log.info("ssdoffload: offloading to %s (%d layers tracked, policy %s%s%s)", ", ".join(self.paths),
+                 len(layers), config.policy if self.adaptive is not None or config.policy == "all" else "all",
+                 f", host tier {config.host_cache_bytes >> 20} MiB" if self.tier is not None else "",
+                 f", write cap {config.max_write_bandwidth / 1e6:.0f} MB/s" if config.max_write_bandwidth else "")
 
     # -- public API ----------------------------------------------------------------------
     @property
@@ -142,6 +170,8 @@ class Offloader:
             scope = ScopeState(key)
             self._active_scope = scope
         self.prefetcher.forget(key)
+        if self.profiler is not None:
+            self.profiler.open(key, self._on_cuda())
         self.hooks.scope = scope
         self.hooks.param_keys = parameter_storages([self.model] if self.model is not None else [])
         self.tracker.active = True
@@ -178,8 +208,37 @@ class Offloader:
         return self.transfers.timeline.drain()
 
     def end_step(self) -> OffloadStats:
-        """Close the current step's statistics (``step()`` does this itself)."""
+        """Close the current step's statistics (``step()`` does this itself) and, with
+        ``policy="adaptive"``, feed the step's measurements to the plan (which may change for
+        the next step: see ``plan()``)."""
+        if self.adaptive is not None and not self._closed:
+            self._replan()
         return self._stats.end_step()
+
+    def plan(self) -> Optional[Plan]:
+        """The adaptive plan in force (``None``: policy "all", or still profiling). Its
+        ``describe()`` says which layers go to the SSD, the RAM tier or stay on the device,
+        with what bandwidth it was planned and why it was adopted; ``as_dict()`` for JSON."""
+        return self.adaptive.plan if self.adaptive is not None else None
+
+    def set_bandwidth_caps(self, write: Optional[float] = None, read: Optional[float] = None) -> None:
+        """Change ``max_write_bandwidth`` / ``max_read_bandwidth`` while training (``None`` lifts
+        a cap), e.g. while a checkpoint is written to the same drive. Transfers that start
+        from now on honour the new caps; the adaptive policy re-plans with them at the end of
+        the current step. Bad values raise ``ValueError`` like the config's."""
+        self.config = dataclasses.replace(self.config, max_write_bandwidth=write, max_read_bandwidth=read)
+        if not self.enabled or self._closed:
+            return
+        self.transfers.write_limiter = RateLimiter(write) if write else None
+        self.transfers.read_limiter = RateLimiter(read) if read else None
+        if self.adaptive is not None:
+            self.adaptive.write_cap, self.adaptive.read_cap = write, read
+        log.info("ssdoffload: bandwidth caps now write %s, read %s",
+                 f"{write / 1e6:.0f} MB/s" if write else "none", f"{read / 1e6:.0f} MB/s" if read else "none")
+
+    def plan_history(self) -> list:
+        """The last plans adopted, oldest first (at most 32)."""
+        return list(self.adaptive.history) if self.adaptive is not None else []
 
     def wait(self) -> None:
         """Block until every write started so far has finished."""
@@ -221,6 +280,8 @@ class Offloader:
                 self.engine.close()
         finally:
             self._close_store()
+            if self.tier is not None:
+                self.tier.close()
 
     def __enter__(self) -> "Offloader":
         return self
@@ -272,16 +333,55 @@ class Offloader:
                         self.cache.transition(entry, State.LOADING)
                     self.cache.transition(entry, State.FAILED)
         self._close_store()
+        if self.profiler is not None:
+            self.profiler.discard()  # a failed step's timings say nothing about the plan
         log.info("ssdoffload: step aborted by an exception; spill files removed")
 
     def _on_free(self, entry) -> None:
         self.transfers.on_free(entry)
+
+    def _on_cuda(self) -> bool:
+        """Whether the model computes on a GPU (the profiler then times with CUDA events)."""
+        if self.model is None:
+            return False
+        for p in self.model.parameters():
+            return p.is_cuda
+        return False
+
+    def _place(self, scope: ScopeState) -> str:
+        """Where an offloadable tensor saved now goes: "ssd", "ram" or "device"."""
+        if self.adaptive is not None:
+            return self.adaptive.placement(scope.group)
+        return RAM if self.tier is not None else SSD
+
+    def _replan(self) -> None:
+        """Turn the finished step's measurements into an observation for the adaptive policy."""
+        assert self.adaptive is not None and self.profiler is not None
+        snap = self._stats.snapshot("step")
+        got = self.profiler.collect(snap.stall_seconds)
+        if got is None:
+            return
+        groups, compute = got
+        write_bps = snap.bytes_written / snap.write_seconds \
+            if snap.write_seconds > 0 and snap.bytes_written >= _MIN_MEASURED_BYTES else None
+        read_bps = snap.bytes_read / snap.read_seconds \
+            if snap.read_seconds > 0 and snap.bytes_read >= _MIN_MEASURED_BYTES else None
+        plan = self.adaptive.observe(StepObservation(groups=groups, write_bps=write_bps, read_bps=read_bps,
+                                                     stall_seconds=snap.stall_seconds,
+                                                     compute_seconds=compute))
+        if plan is not None:
+            if plan.prefetch_depth > 0:
+                self.prefetcher.window = plan.prefetch_depth
+            self._stats.add(replans=1)
+            self._stats.set(plan_version=plan.version)
 
     def _enter_layer(self, index: int) -> None:
         scope = self.hooks.scope
         if scope is not None:
             scope.group += 1
             scope.layer = index
+            if self.profiler is not None:
+                self.profiler.group(scope.key, scope.group)
 
     def _exit_layer(self, index: int):
         scope = self.hooks.scope
@@ -290,11 +390,15 @@ class Offloader:
         token = (scope.key, scope.group)
         scope.group += 1
         scope.layer = None
+        if self.profiler is not None:
+            self.profiler.group(scope.key, scope.group)
         return token
 
     def _layer_backward(self, token) -> None:
         if not self._closed:
             scope, group = token
+            if self.profiler is not None:
+                self.profiler.backward(scope)
             self.prefetcher.on_backward_reached(scope, group)
 
 

@@ -7,11 +7,15 @@ schedule that knows which micro-batch's backward comes next calls ``prefetch_sco
 first groups of that backward are already in flight when it starts.
 
 ``depth == 0`` disables prefetching: every tensor is read when autograd asks for it.
+
+``window`` (set by the adaptive plan) replaces the count by a distance: reaching group ``g``
+loads the groups in ``[g - window, g]``. With the last layers kept on the device, a count would
+pull the offloaded groups back as soon as backward starts, long before they are needed.
 """
 from __future__ import annotations
 
 import threading
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 from .cache import OffloadCache
 from .transfers import Transfers
@@ -22,6 +26,7 @@ class Prefetcher:
         self.cache = cache
         self.transfers = transfers
         self.depth = depth
+        self.window: Optional[int] = None
         self._lowest_started: Dict[Any, int] = {}  # scope -> lowest group already requested
         self._lock = threading.Lock()
 
@@ -33,7 +38,8 @@ class Prefetcher:
         if self.depth <= 0:
             return 0
         groups = [g for g in self.cache.groups_of(scope) if g <= group]
-        wanted = groups[-(self.depth + 1):]
+        window = self.window
+        wanted = groups[-(self.depth + 1):] if window is None else [g for g in groups if g >= group - window]
         if not wanted:
             return 0
         with self._lock:

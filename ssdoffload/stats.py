@@ -37,6 +37,20 @@ class OffloadStats:
     offloadable_bytes: int = 0
     resident_bytes: int = 0
     peak_resident_bytes: int = 0
+    #: Bytes the adaptive plan kept on the device (offloadable, but their layer is kept).
+    plan_kept_bytes: int = 0
+    #: Bytes copied into / back from the host-RAM tier (CUDA), or kept in place by it (CPU).
+    host_bytes_written: int = 0
+    host_bytes_read: int = 0
+    #: Host-RAM tier use now and its peak (aligned bytes; never above host_cache_bytes).
+    host_tier_bytes: int = 0
+    peak_host_tier_bytes: int = 0
+    #: Seconds the writer / reader waited on max_write_bandwidth / max_read_bandwidth.
+    write_throttle_seconds: float = 0.0
+    read_throttle_seconds: float = 0.0
+    #: The adaptive plan in force at the end of the step (0: none yet) and plan changes.
+    plan_version: int = 0
+    replans: int = 0
 
     @property
     def write_bandwidth(self) -> float:
@@ -94,6 +108,20 @@ class StatsCollector:
                 s.resident_bytes += delta
                 s.peak_resident_bytes = max(s.peak_resident_bytes, s.resident_bytes)
 
+    def host(self, delta: int) -> None:
+        """Track the host-RAM tier's use, and its peak."""
+        with self._lock:
+            for s in (self.step, self.total):
+                s.host_tier_bytes += delta
+                s.peak_host_tier_bytes = max(s.peak_host_tier_bytes, s.host_tier_bytes)
+
+    def set(self, **values) -> None:
+        """Overwrite (not add) fields in the step and cumulative records."""
+        with self._lock:
+            for name, value in values.items():
+                setattr(self.step, name, value)
+                setattr(self.total, name, value)
+
     def end_step(self) -> OffloadStats:
         """Close the current step's record and start a new one."""
         with self._lock:
@@ -102,7 +130,10 @@ class StatsCollector:
             done = self.step
             self.last_step = dataclasses.replace(done)
             self.step = OffloadStats(resident_bytes=done.resident_bytes,
-                                     peak_resident_bytes=done.resident_bytes)
+                                     peak_resident_bytes=done.resident_bytes,
+                                     host_tier_bytes=done.host_tier_bytes,
+                                     peak_host_tier_bytes=done.host_tier_bytes,
+                                     plan_version=done.plan_version)
             return dataclasses.replace(done)
 
     def snapshot(self, which: str = "total") -> OffloadStats:

@@ -16,6 +16,17 @@ CUDA lifetime rules:
   use that memory, and the compute stream waits on the backend's ready event before using it.
   A reloaded buffer dropped before anybody used it first makes its stream wait on that event,
   so the allocator never hands out memory a copy is still writing.
+
+Tiers: ``start_write(entry, place)`` sends an entry to the spill files (``"ssd"``) or tries the
+host-RAM tier first (``"ram"``, see ``tiers.py``): a slot within the budget, else the SSD
+(overflow). A tier entry goes through the same states (``ON_DISK`` then means "stored off the
+device"); its copies run on the engine's host thread and its slot is returned by ``on_free``
+like an extent. On a CPU host a tier entry stays ``RESIDENT`` in place (no copy, no I/O).
+
+Caps: with ``max_write_bandwidth`` / ``max_read_bandwidth`` each spill-file transfer first takes
+its bytes from a token bucket (``tiers.RateLimiter``) on the I/O thread; a write whose entry was
+freed while it waited is skipped. The busy clocks start after the wait, so the measured
+bandwidth is the drive's own.
 """
 from __future__ import annotations
 
@@ -34,6 +45,7 @@ from .errors import OffloadError, SpillReadError
 from .io import IOEngine, byte_view
 from .stats import StatsCollector, Timeline
 from .store import SpillStore
+from .tiers import HostSlot, HostTier, HostTierBackend, RateLimiter
 
 log = logging.getLogger("ssdoffload")
 
@@ -68,8 +80,15 @@ class Transfers:
     """Starts writes and loads of entries and waits for them."""
 
     def __init__(self, engine: IOEngine, store_getter: Callable[[], SpillStore], cache: OffloadCache,
-                 stats: StatsCollector, verify: bool = False) -> None:
+                 stats: StatsCollector, verify: bool = False, tier: Optional[HostTier] = None,
+                 max_write_bandwidth: Optional[float] = None,
+                 max_read_bandwidth: Optional[float] = None) -> None:
         self.engine = engine
+        self.tier = tier
+        self._tier_backends: dict = {}
+        self._tier_lock = threading.Lock()
+        self.write_limiter = RateLimiter(max_write_bandwidth) if max_write_bandwidth else None
+        self.read_limiter = RateLimiter(max_read_bandwidth) if max_read_bandwidth else None
         self.verify = verify
         self._store = store_getter
         self.cache = cache
@@ -85,10 +104,15 @@ class Transfers:
         self.wanted: Callable[[Entry], bool] = lambda entry: False
 
     # -- writes --------------------------------------------------------------------------
-    def start_write(self, entry: Entry) -> None:
-        """Queue the write of a RESIDENT entry (compute thread). Never raises for I/O."""
+    def start_write(self, entry: Entry, place: str = "ssd") -> None:
+        """Queue the write of a RESIDENT entry (compute thread). Never raises for I/O.
+
+        ``place="ram"`` tries the host-RAM tier first and overflows to the spill files.
+        """
         storage = entry.storage
         assert storage is not None
+        if place == "ram" and self.tier is not None and self._to_tier(entry, storage):
+            return
         ready = None
         if entry.device.type == "cuda":
             entry.compute_stream = torch.cuda.current_stream(entry.device)
@@ -101,11 +125,42 @@ class Transfers:
             return
         with self.cache.lock:
             self.cache.transition(entry, State.WRITING)
-        fut = self.engine.submit_write(self._write_job, entry, byte_view(storage), ready)
+        self._submit_write(self.engine.submit_write, entry, storage, ready)
+
+    def _to_tier(self, entry: Entry, storage: torch.UntypedStorage) -> bool:
+        """Put ``entry`` in the host tier if it fits the budget; False: send it to the SSD."""
+        assert self.tier is not None
+        slot = self.tier.reserve(entry.nbytes)
+        if slot is None:
+            return False
+        self.stats.host(slot.length)
+        entry.extent = slot
+        if entry.device.type != "cuda":
+            # Host memory already: keep it in place (RESIDENT); the slot holds its budget.
+            self.stats.add(host_bytes_written=entry.nbytes)
+            return True
+        entry.compute_stream = torch.cuda.current_stream(entry.device)
+        ready = torch.cuda.Event()
+        ready.record(entry.compute_stream)
+        with self.cache.lock:
+            self.cache.transition(entry, State.WRITING)
+        self._submit_write(self.engine.submit_host, entry, storage, ready)
+        return True
+
+    def _submit_write(self, submit, entry: Entry, storage: torch.UntypedStorage, ready) -> None:
+        fut = submit(self._write_job, entry, byte_view(storage), ready)
         entry.write_future = fut
         with self._pending_lock:
             self._pending_writes.add(fut)
         fut.add_done_callback(self._write_done)
+
+    def _tier_backend(self, device: torch.device) -> HostTierBackend:
+        assert self.tier is not None
+        with self._tier_lock:
+            backend = self._tier_backends.get(device)
+            if backend is None:
+                backend = self._tier_backends[device] = HostTierBackend(self.tier, device)
+            return backend
 
     def _write_done(self, fut) -> None:
         with self._pending_lock:
@@ -115,21 +170,34 @@ class Transfers:
         if entry.state is State.FREED:  # backward already used and dropped it: nothing to save
             self.stats.add(writes_skipped=1)
             return
-        backend = self.engine.backend_for(entry.device)
-        self._write_clock.start()
-        busy = 0.0
+        host = isinstance(entry.extent, HostSlot)
+        if not host and self.write_limiter is not None:
+            waited = self.write_limiter.take(entry.nbytes, lambda: entry.state is State.FREED)
+            self.stats.add(write_throttle_seconds=waited)
+            if entry.state is State.FREED:  # freed while the cap held it back
+                self.stats.add(writes_skipped=1)
+                return
+        backend = self._tier_backend(entry.device) if host else self.engine.backend_for(entry.device)
+        clock = None if host else self._write_clock
+        if clock is not None:
+            clock.start()
         t0 = time.perf_counter()
         try:
             with record_function("ssdoffload.write"):
-                entry.checksums = backend.write(src, entry.extent, ready, self.verify)
-            self.timeline.add("write", t0, time.perf_counter(), entry.nbytes, entry.layer, entry.scope)
-        except OSError as exc:
-            busy = self._write_clock.stop()
-            self.stats.add(write_seconds=busy)
+                entry.checksums = backend.write(src, entry.extent, ready, self.verify and not host)
+            self.timeline.add("host-write" if host else "write", t0, time.perf_counter(), entry.nbytes,
+                              entry.layer, entry.scope)
+        except (OSError, RuntimeError) as exc:
+            if clock is not None:
+                self.stats.add(write_seconds=clock.stop())
+            if not isinstance(exc, OSError):
+                exc = OSError(str(exc))
             self._write_failed(entry, exc, extent_allocated=True)
             return
-        busy = self._write_clock.stop()
-        self.stats.add(bytes_written=entry.nbytes, write_seconds=busy)
+        if clock is not None:
+            self.stats.add(bytes_written=entry.nbytes, write_seconds=clock.stop())
+        else:
+            self.stats.add(host_bytes_written=entry.nbytes)
         with self.cache.lock:
             if entry.state is State.WRITING:
                 if self.wanted(entry):
@@ -185,22 +253,33 @@ class Transfers:
             self._read_failed(entry, exc)
             return True
         self.stats.resident(entry.nbytes)
-        entry.read_future = self.engine.submit_read(self._read_job, entry, dst, allocated)
+        submit = self.engine.submit_host if isinstance(entry.extent, HostSlot) else self.engine.submit_read
+        entry.read_future = submit(self._read_job, entry, dst, allocated)
         return True
 
     def _read_job(self, entry: Entry, dst: torch.Tensor, allocated) -> None:
-        backend = self.engine.backend_for(entry.device)
-        self._read_clock.start()
+        host = isinstance(entry.extent, HostSlot)
+        if not host and self.read_limiter is not None:
+            self.stats.add(read_throttle_seconds=self.read_limiter.take(entry.nbytes))
+        backend = self._tier_backend(entry.device) if host else self.engine.backend_for(entry.device)
+        clock = None if host else self._read_clock
+        if clock is not None:
+            clock.start()
         t0 = time.perf_counter()
         try:
             with record_function("ssdoffload.read"):
-                ready = backend.read(dst, entry.extent, allocated, entry.checksums)
-            self.timeline.add("read", t0, time.perf_counter(), entry.nbytes, entry.layer, entry.scope)
+                ready = backend.read(dst, entry.extent, allocated, None if host else entry.checksums)
+            self.timeline.add("host-read" if host else "read", t0, time.perf_counter(), entry.nbytes,
+                              entry.layer, entry.scope)
         except BaseException as exc:
-            self.stats.add(read_seconds=self._read_clock.stop())
+            if clock is not None:
+                self.stats.add(read_seconds=clock.stop())
             self._read_failed(entry, exc)
             return
-        self.stats.add(bytes_read=entry.nbytes, read_seconds=self._read_clock.stop())
+        if clock is not None:
+            self.stats.add(bytes_read=entry.nbytes, read_seconds=clock.stop())
+        else:
+            self.stats.add(host_bytes_read=entry.nbytes)
         with self.cache.lock:
             if entry.state is State.LOADING:
                 self.cache.transition(entry, State.LOADED)
@@ -296,6 +375,10 @@ class Transfers:
             f.add_done_callback(one_done)
 
     def _free_extent(self, extent) -> None:
+        if isinstance(extent, HostSlot):
+            extent.file.free(extent)
+            self.stats.host(-extent.length)
+            return
         try:
             extent.file.free(extent)
         except ValueError as exc:  # the store was closed and reopened: nothing to return

@@ -46,7 +46,7 @@ def test_forward_frees_offloadable_memory(spill_dir):
     torch.manual_seed(0)
     from ssdoffload.bench.model import GPT, synthetic_batch
     model = GPT(TINY)
-    with ssdoffload.Offloader(model, _cfg(spill_dir, prefetch_depth=2)) as off:
+    with ssdoffload.Offloader(model, _cfg(spill_dir, prefetch_depth=2, policy="all")) as off:
         tokens, targets = synthetic_batch(TINY, 8, torch.device("cpu"), 0)
         with off.step():
             loss = model(tokens, targets)

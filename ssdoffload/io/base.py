@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import abc
 import concurrent.futures
+import threading
 from typing import List, Optional
 
 import torch
@@ -87,6 +88,8 @@ class IOEngine:
         self.backends = backends  # device type -> Backend
         self._writers = concurrent.futures.ThreadPoolExecutor(max(1, threads // 2), "ssdoffload-write")
         self._readers = concurrent.futures.ThreadPoolExecutor(max(1, threads // 2), "ssdoffload-read")
+        self._host: Optional[concurrent.futures.ThreadPoolExecutor] = None
+        self._host_lock = threading.Lock()
 
     def backend_for(self, device: torch.device) -> Backend:
         backend = self.backends.get(device.type)
@@ -100,9 +103,21 @@ class IOEngine:
     def submit_read(self, fn, *args) -> concurrent.futures.Future:
         return self._readers.submit(fn, *args)
 
+    def submit_host(self, fn, *args) -> concurrent.futures.Future:
+        """Copies to and from the host-RAM tier: their own thread, so they never queue behind
+        the drive's writes or reads (reloads take from RAM first). Made on first use."""
+        with self._host_lock:
+            if self._host is None:
+                self._host = concurrent.futures.ThreadPoolExecutor(1, "ssdoffload-host")
+            return self._host.submit(fn, *args)
+
     def close(self) -> None:
         self._writers.shutdown(wait=True)
         self._readers.shutdown(wait=True)
+        with self._host_lock:
+            host, self._host = self._host, None
+        if host is not None:
+            host.shutdown(wait=True)
         closed = set()
         for backend in self.backends.values():
             if id(backend) not in closed:

@@ -1,0 +1,160 @@
+"""Per-step measurements for the adaptive policy: per forward group the offloadable bytes saved
+and the compute time, and the backward time of each micro-batch scope.
+
+Groups are the offloader's prefetch groups (``ScopeState.group``): 0 is what runs before the
+first layer, ``2i + 1`` layer ``i``, ``2i + 2`` what runs after layer ``i``. A *mark* is taken
+at every group change: ``time.perf_counter()`` on a CPU host, a timing ``torch.cuda.Event``
+recorded on the current stream on CUDA (so the times are GPU times; nothing synchronizes: a
+scope whose events have not completed yet is finished at a later ``collect``).
+
+Threads and lifetime: ``open``/``group``/``saved`` run on the compute thread inside a scope;
+``backward`` runs on whatever thread autograd calls hooks on; ``collect`` runs in
+``Offloader.end_step``. One lock guards the scope records; a record lives from the scope's
+forward until ``collect`` turned it into ``GroupTiming``s (or it was dropped as stale).
+"""
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Set, Tuple
+
+import torch
+
+from .adaptive import GroupTiming
+
+
+def group_name(group: int) -> str:
+    if group == 0:
+        return "before the layers"
+    if group % 2:
+        return f"layer {(group - 1) // 2}"
+    return f"after layer {(group - 2) // 2}"
+
+
+@dataclass
+class _ScopeRecord:
+    cuda: bool
+    marks: List[Tuple[int, Any]] = field(default_factory=list)   # (group, mark) in forward order
+    nbytes: Dict[int, int] = field(default_factory=dict)
+    seen: Set[Any] = field(default_factory=set)
+    bwd_start: Any = None
+    bwd_end: Any = None
+    age: int = 0
+
+
+class StepProfiler:
+    """Collects group marks and saved bytes per scope; ``collect`` turns finished scopes into
+    per-group timings."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._scopes: Dict[Any, _ScopeRecord] = {}
+
+    @staticmethod
+    def _mark(cuda: bool) -> Any:
+        if cuda:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            return ev
+        return time.perf_counter()
+
+    def open(self, key: Any, cuda: bool) -> None:
+        """A forward of scope ``key`` begins (group 0)."""
+        rec = _ScopeRecord(cuda=cuda)
+        rec.marks.append((0, self._mark(cuda)))
+        with self._lock:
+            self._scopes[key] = rec
+
+    def group(self, key: Any, group: int) -> None:
+        """The forward of ``key`` entered ``group``."""
+        with self._lock:
+            rec = self._scopes.get(key)
+        if rec is not None and rec.bwd_start is None:
+            rec.marks.append((group, self._mark(rec.cuda)))
+
+    def saved(self, key: Any, group: int, storage_key: Any, nbytes: int) -> None:
+        """An offloadable storage was saved in ``group`` (counted once per scope)."""
+        with self._lock:
+            rec = self._scopes.get(key)
+            if rec is None or storage_key in rec.seen:
+                return
+            rec.seen.add(storage_key)
+            rec.nbytes[group] = rec.nbytes.get(group, 0) + nbytes
+
+    def backward(self, key: Any) -> None:
+        """Backward of ``key`` is running (an unpack or a layer's gradient trigger)."""
+        with self._lock:
+            rec = self._scopes.get(key)
+        if rec is None:
+            return
+        mark = self._mark(rec.cuda)
+        if rec.bwd_start is None:
+            rec.bwd_start = mark
+        rec.bwd_end = mark
+
+    def discard(self) -> None:
+        with self._lock:
+            self._scopes.clear()
+
+    def collect(self, stall_seconds: float) -> Optional[Tuple[Tuple[GroupTiming, ...], float]]:
+        """Per-group timings of the scopes whose backward ran and whose marks are complete
+        (averaged when several finished), and their compute seconds; ``None`` when none.
+
+        ``stall_seconds`` (backward waiting on reads in the step) is taken out of the
+        backward time, which is spread over the groups in proportion to their forward time.
+        """
+        with self._lock:
+            ready, keep = [], {}
+            for key, rec in self._scopes.items():
+                if rec.bwd_start is not None and rec.bwd_end is not None and self._complete(rec):
+                    ready.append(rec)
+                else:
+                    rec.age += 1
+                    if rec.age < 64:  # a scope that never ran backward is dropped eventually
+                        keep[key] = rec
+            self._scopes = keep
+        if not ready:
+            return None
+        per_scope_stall = stall_seconds / len(ready)
+        results = [self._timings(rec, per_scope_stall) for rec in ready]
+        results = [r for r in results if r is not None]
+        if not results:
+            return None
+        n = max(len(r[0]) for r in results)
+        results = [r for r in results if len(r[0]) == n]
+        groups = tuple(
+            GroupTiming(nbytes=max(r[0][i].nbytes for r in results),
+                        forward_seconds=sum(r[0][i].forward_seconds for r in results) / len(results),
+                        backward_seconds=sum(r[0][i].backward_seconds for r in results) / len(results),
+                        name=results[0][0][i].name)
+            for i in range(n))
+        return groups, sum(r[1] for r in results) / len(results)
+
+    @staticmethod
+    def _complete(rec: _ScopeRecord) -> bool:
+        if not rec.cuda:
+            return True
+        return bool(rec.bwd_end.query())
+
+    @staticmethod
+    def _elapsed(rec: _ScopeRecord, a: Any, b: Any) -> float:
+        if rec.cuda:
+            return max(a.elapsed_time(b) / 1e3, 0.0)
+        return max(b - a, 0.0)
+
+    def _timings(self, rec: _ScopeRecord, stall: float) -> Optional[Tuple[Tuple[GroupTiming, ...], float]]:
+        marks = rec.marks + [(None, rec.bwd_start)]
+        last = max(g for g, _ in rec.marks)
+        fwd = [0.0] * (last + 1)
+        for (g, a), (_, b) in zip(marks, marks[1:]):
+            fwd[g] += self._elapsed(rec, a, b)
+        t_fwd = sum(fwd)
+        t_bwd = max(self._elapsed(rec, rec.bwd_start, rec.bwd_end) - stall, 0.0)
+        if t_fwd <= 0:
+            return None
+        ratio = t_bwd / t_fwd if t_bwd > 0 else 2.0
+        groups = tuple(GroupTiming(nbytes=rec.nbytes.get(g, 0), forward_seconds=fwd[g],
+                                   backward_seconds=fwd[g] * ratio, name=group_name(g))
+                       for g in range(last + 1))
+        return groups, t_fwd + t_fwd * ratio

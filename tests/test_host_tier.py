@@ -1,0 +1,107 @@
+"""The host-RAM tier: its byte budget is never exceeded, overflow goes to the spill files,
+reloads from RAM need no disk I/O, and gradients stay bit-identical (CPU; CUDA marked)."""
+import os
+
+import pytest
+import torch
+
+import ssdoffload
+from ssdoffload.tiers import HostTier
+from helpers import TINY, assert_bit_identical, train
+
+
+def _cfg(spill_dir, **kw):
+    os.makedirs(spill_dir, exist_ok=True)
+    kw.setdefault("min_offload_bytes", 4096)
+    return ssdoffload.OffloadConfig(path=os.path.join(spill_dir, "d"), initial_file_bytes=1 << 20, **kw)
+
+
+def test_budget_is_strict():
+    tier = HostTier(100_000)          # rounded down to 24 pages of 4 KiB
+    assert tier.budget == 98_304
+    slots = []
+    while True:
+        s = tier.reserve(5000)        # 8 KiB each once aligned
+        if s is None:
+            break
+        slots.append(s)
+        assert tier.used <= tier.budget
+    assert len(slots) == 12 and tier.used == tier.budget
+    assert tier.reserve(1) is None and tier.reserve(200_000) is None
+    tier.free(slots.pop())
+    assert tier.reserve(8192) is not None
+    assert tier.peak <= tier.budget
+    tier.close()
+
+
+@pytest.mark.parametrize("policy", ["all", "adaptive"])
+def test_ram_first_overflow_to_ssd_budget_never_exceeded(spill_dir, policy):
+    from ssdoffload.bench.model import GPT, synthetic_batch
+    budget = 384 << 10
+    reference = train(None, steps=4)
+    torch.manual_seed(0)
+    model = GPT(TINY)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    losses, grads = [], []
+    with ssdoffload.Offloader(model, _cfg(spill_dir, policy=policy, host_cache_bytes=budget)) as off:
+        for step in range(4):
+            tokens, targets = synthetic_batch(TINY, 4, torch.device("cpu"), seed=step)
+            with off.step():
+                loss = model(tokens, targets)
+                loss.backward()
+            losses.append(loss.detach().clone())
+            grads.append([p.grad.detach().clone() for p in model.parameters()])
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            assert off.tier.used == 0  # every slot returned once backward freed its tensors
+        stats = off.stats()
+        highest = off.tier.peak  # the most ever reserved at once (checked at every reserve)
+    assert_bit_identical(reference, (losses, grads))
+    assert 0 < stats.peak_host_tier_bytes <= budget
+    assert highest <= budget
+    assert stats.host_bytes_written > 0
+    if policy == "all":
+        # The tier filled first; what did not fit went to the drive.
+        assert stats.bytes_written > 0
+        assert stats.peak_host_tier_bytes > budget // 2
+
+
+def test_tier_large_enough_for_everything_needs_no_disk_io(spill_dir):
+    reference = train(None, steps=2)
+    got = train(_cfg(spill_dir, policy="all", host_cache_bytes=64 << 20), steps=2)
+    assert_bit_identical(reference, got)
+    stats = got[2]
+    assert stats.bytes_written == 0 and stats.bytes_read == 0
+    assert stats.host_bytes_written > 0 and stats.peak_host_tier_bytes <= 64 << 20
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("policy", ["all", "adaptive"])
+def test_cuda_tier_bit_identical_and_within_budget(spill_dir, policy):
+    budget = 1 << 20
+    reference = train(None, steps=4, device="cuda")
+    got = train(_cfg(spill_dir, policy=policy, host_cache_bytes=budget, backend="native"), steps=4,
+                device="cuda")
+    assert_bit_identical(reference, got)
+    stats = got[2]
+    assert 0 < stats.peak_host_tier_bytes <= budget
+    assert stats.host_bytes_written > 0 and stats.host_bytes_read > 0
+    if policy == "all":
+        assert stats.bytes_written > 0  # overflow
+
+
+@pytest.mark.cuda
+def test_cuda_tier_frees_device_memory(spill_dir):
+    from ssdoffload.bench.model import GPT, synthetic_batch
+    torch.manual_seed(0)
+    model = GPT(TINY).cuda()
+    with ssdoffload.Offloader(model, _cfg(spill_dir, policy="all", host_cache_bytes=64 << 20)) as off:
+        tokens, targets = synthetic_batch(TINY, 8, torch.device("cuda"), 0)
+        with off.step():
+            loss = model(tokens, targets)
+            off.wait()
+            stats = off.current_step_stats()
+            assert stats.resident_bytes <= 0.1 * stats.offloadable_bytes
+            assert stats.bytes_written == 0  # all of it fit in RAM
+            loss.backward()
+        assert off.stats().host_bytes_read > 0
