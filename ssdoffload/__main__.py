@@ -1,7 +1,8 @@
 """Command line: ``python -m ssdoffload bench | probe | plan`` (also the ``ssdoffload`` script).
 
-* ``bench``: train the built-in GPT under keep / recompute / cpu / ssd / ssd+recompute,
-  interleaved, and report time, memory and I/O per strategy (table, JSON, PNG plots).
+* ``bench``: train the built-in GPT under keep / recompute / cpu / ssd / ssd+recompute /
+  ssd-adaptive / ram+ssd, interleaved, and report time, memory and I/O per strategy (table,
+  JSON, PNG plots); ``--throttle-fraction`` / ``--throttle-bandwidth`` emulate a throttled drive.
 * ``probe PATH``: the drive's sequential write and read bandwidth through ssdoffload's engine,
   and what a preset needs to hide all of its I/O.
 * ``plan``: the micro-batch and bandwidth planner (``ssdoffload.planner``).
@@ -87,6 +88,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--io-threads", type=int, help="ssdoffload I/O threads")
     b.add_argument("--offload-option", action="append", type=_offload_option, default=[], metavar="KEY=VALUE",
                    help="any other OffloadConfig field for the ssd strategies")
+    b.add_argument("--throttle-fraction", type=float, metavar="F",
+                   help="throttled drive: cap reads and writes of the ssd strategies at F x the write bandwidth "
+                        "full offload needs (measured first with keep), e.g. 0.5")
+    b.add_argument("--throttle-bandwidth", type=parse_size, metavar="BYTES_PER_S",
+                   help="throttled drive: cap reads and writes of the ssd strategies at this many bytes/s (e.g. 100M)")
+    b.add_argument("--host-cache", type=parse_size, metavar="SIZE",
+                   help="host-RAM tier of the ram+ssd strategy (default: half the offloadable bytes)")
     b.add_argument("--probe-size", type=parse_size, default=256 << 20, help="bytes the drive probe moves (256M)")
     b.add_argument("--sweep-micro-batch", action="store_true",
                    help="also find the largest micro-batch each strategy fits in --memory-budget")
@@ -127,7 +135,9 @@ def _bench(args: argparse.Namespace) -> int:
         seed=args.seed, probe_bytes=args.probe_size, offload_options=dict(args.offload_option),
         progress=not (args.no_progress or args.quiet), plots=not args.no_plots,
         deterministic=args.deterministic, sweep=args.sweep_micro_batch, memory_budget=args.memory_budget,
-        sweep_max_micro_batch=args.sweep_max_micro_batch, threads=args.threads, trace=args.trace)
+        sweep_max_micro_batch=args.sweep_max_micro_batch, threads=args.threads, trace=args.trace,
+        throttle_fraction=args.throttle_fraction, throttle_bandwidth=args.throttle_bandwidth,
+        host_cache_bytes=args.host_cache)
     report = run_bench(options)
     out = os.path.abspath(options.output)
     os.makedirs(out, exist_ok=True)

@@ -390,7 +390,8 @@ class AdaptivePolicy:
         tolerance: Predicted stall a plan may cost, as a fraction of compute time.
         ram_bps: Bandwidth of the RAM tier's copies (inf: in place, on a CPU host).
         patience: Stall-free steps that must agree before the plan grows.
-        cooldown: Steps after a stall during which the plan does not grow.
+        cooldown: Steps after a stall during which the plan does not grow (doubled after each
+            further stall, up to 64).
         safety: Fraction of the measured bandwidth planned with (lowered after stalls,
             recovering toward ``safety`` over stall-free steps).
         smoothing: Weight of the newest measurement in the running averages.
@@ -416,10 +417,12 @@ class AdaptivePolicy:
     _margin: float = 0.0
     _grow_streak: int = 0
     _cool: int = 0
+    _backoff: int = 0
     _version: int = 0
 
     def __post_init__(self) -> None:
         self._margin = self.safety
+        self._backoff = self.cooldown
         if self.depth <= 0:
             self.max_depth = 0
         else:
@@ -508,8 +511,11 @@ class AdaptivePolicy:
             (cand.offloaded_bytes == current.offloaded_bytes and cand.prefetch_depth < current.prefetch_depth)
         w, r = self.bandwidths()
         if stalled:
+            # Back off: each stall doubles the wait before the plan may grow again (up to 64
+            # steps), so a plan at the edge of what the drive hides settles instead of probing.
             self._grow_streak = 0
-            self._cool = self.cooldown
+            self._cool = self._backoff
+            self._backoff = min(64, max(1, 2 * self._backoff))
             if not grows:
                 return self._adopt(cand, f"backward stalled {obs.stall_seconds / obs.compute_seconds:.1%} "
                                          f"of the step; planning with {self._margin:.0%} of the measured bandwidth")

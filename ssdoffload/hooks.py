@@ -2,7 +2,8 @@
 
 ``pack`` runs when autograd saves a tensor for backward. It either returns the tensor itself
 (kept: parameters, small tensors, ...; see ``policy.py``), a ``Kept`` wrapper (a tensor the
-plan keeps on the device: the wrapper only tells the profiler when backward reaches it), or a
+plan keeps on the device: the wrapper tells the profiler when backward reaches it and counts
+its bytes as resident while autograd holds it), or a
 ``Handle`` to an entry whose storage is being written to the spill store or the host-RAM tier;
 the graph then holds no reference to the memory. Where an offloadable tensor goes is the
 ``placement(scope)`` callable's answer (``"ssd"``, ``"ram"`` or ``"device"``), asked after the
@@ -12,8 +13,9 @@ rebuilt as its exact view over the storage, read back (or still in memory).
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
-from typing import Any, Callable, NamedTuple, Optional, Set, Tuple
+from typing import Any, Callable, Optional, Set, Tuple
 
 import torch
 
@@ -28,15 +30,56 @@ from .layers import in_backward
 from .profiling import StepProfiler
 
 
-class Kept(NamedTuple):
-    """A saved tensor the plan keeps on the device; unpacking reports backward progress.
+class Kept:
+    """A saved tensor the plan keeps on the device. Unpacking it reports backward progress to
+    the profiler; its bytes count as resident (``OffloadStats.resident_bytes``) from the pack
+    until autograd drops the last ``Kept`` of that storage (``__del__``, on whichever thread
+    frees the graph), so ``peak_resident_bytes`` is the true peak of offloadable activation
+    memory under any plan."""
 
-    A named tuple, so tools that look for the tensors inside packed values (pytree
-    flattening, e.g. the benchmark's memory meter) still find it.
-    """
+    __slots__ = ("tensor", "scope", "_live", "_key")
 
-    tensor: torch.Tensor
-    scope: Any
+    def __init__(self, tensor: torch.Tensor, scope: Any, live: "_KeptBytes", key: Any) -> None:
+        self.tensor = tensor
+        self.scope = scope
+        self._live = live
+        self._key = key
+        live.add(key, tensor.untyped_storage().nbytes())
+
+    def __del__(self) -> None:
+        live, self._live = self._live, None
+        if live is not None:
+            live.drop(self._key)
+
+
+class _KeptBytes:
+    """Storages held by ``Kept`` objects (each counted once), feeding ``StatsCollector.resident``."""
+
+    def __init__(self, stats: StatsCollector) -> None:
+        self.stats = stats
+        self._lock = threading.Lock()
+        self._live: dict = {}
+
+    def add(self, key: Any, nbytes: int) -> None:
+        with self._lock:
+            slot = self._live.get(key)
+            if slot is None:
+                self._live[key] = [1, nbytes]
+            else:
+                slot[0] += 1
+                return
+        self.stats.resident(nbytes)
+
+    def drop(self, key: Any) -> None:
+        with self._lock:
+            slot = self._live.get(key)
+            if slot is None:
+                return
+            slot[0] -= 1
+            if slot[0] > 0:
+                return
+            del self._live[key]
+        self.stats.resident(-slot[1])
 
 
 @dataclass
@@ -62,6 +105,7 @@ class SavedTensorHooks:
         self.stats = stats
         self.placement = placement
         self.profiler = profiler
+        self._kept = _KeptBytes(stats)
         self.scope: Optional[ScopeState] = None
         self.param_keys: Set[Tuple[str, int]] = set()
 
@@ -87,7 +131,7 @@ class SavedTensorHooks:
         place = self.placement(scope)
         if place == "device":
             self.stats.add(tensors_kept=1, bytes_kept=nbytes, plan_kept_bytes=nbytes)
-            return Kept(tensor, scope.key) if self.profiler is not None else tensor
+            return Kept(tensor, scope.key, self._kept, key)
         storage = tensor.untyped_storage()
         entry = Entry(scope=scope.key, group=scope.group, layer=scope.layer, nbytes=storage.nbytes(),
                       device=tensor.device, label=ViewSpec.of(tensor).describe(), storage=storage,

@@ -43,6 +43,8 @@ from .transfers import Transfers
 
 #: Fewer bytes than this moved in a step say little about a drive's bandwidth.
 _MIN_MEASURED_BYTES = 64 << 10
+#: What the plan assumes a pinned host copy moves per second (PCIe Gen4/5 x16, conservatively).
+_PCIE_BYTES_PER_S = 20e9
 
 log = logging.getLogger("ssdoffload")
 
@@ -106,10 +108,13 @@ class Offloader:
             if config.policy == "adaptive":
                 if layers:
                     self.profiler = StepProfiler()
+                    # On a CPU host the tier keeps tensors in place: host memory is the device's,
+                    # so a RAM placement would save nothing and the plan is made without it.
+                    cuda = self._on_cuda()
                     self.adaptive = AdaptivePolicy(
-                        depth=config.prefetch_depth, host_cache_bytes=config.host_cache_bytes,
+                        depth=config.prefetch_depth, host_cache_bytes=config.host_cache_bytes if cuda else 0,
                         write_cap=config.max_write_bandwidth, read_cap=config.max_read_bandwidth,
-                        tolerance=config.stall_tolerance)
+                        tolerance=config.stall_tolerance, ram_bps=_PCIE_BYTES_PER_S)
                 else:
                     log.info("ssdoffload: policy 'adaptive' needs layers to plan with and found none; "
                              "offloading everything (as policy 'all')")

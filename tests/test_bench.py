@@ -16,7 +16,7 @@ from ssdoffload.bench.model import GPT, synthetic_batch
 from ssdoffload.bench.presets import PRESETS, get_preset, parameter_count
 from ssdoffload.bench.report import format_table
 from ssdoffload.bench.runner import BenchOptions, run_bench
-from ssdoffload.bench.strategies import STRATEGIES, parse_strategies
+from ssdoffload.bench.strategies import STRATEGIES, parse_strategies, uses_offloader
 
 STRATEGY_KEYS = {"step_seconds", "forward_seconds", "backward_seconds", "tokens_per_second", "peak_rss_bytes",
                  "losses", "final_loss", "peak_activation_bytes", "peak_activation_method", "ratio_to_keep"}
@@ -63,7 +63,7 @@ def test_bench_json_schema(bench_run):
     for name, s in report["strategies"].items():
         assert STRATEGY_KEYS <= set(s), (name, STRATEGY_KEYS - set(s))
         assert len(s["losses"]) == 3 and s["step_seconds"]["median"] > 0
-        assert (name.startswith("ssd")) == ("offload" in s)
+        assert uses_offloader(name) == ("offload" in s)
         if "offload" in s:
             assert OFFLOAD_KEYS <= set(s["offload"])
             assert s["offload"]["bytes_written_per_step"] > 0

@@ -57,10 +57,13 @@ def test_ram_first_overflow_to_ssd_budget_never_exceeded(spill_dir, policy):
         stats = off.stats()
         highest = off.tier.peak  # the most ever reserved at once (checked at every reserve)
     assert_bit_identical(reference, (losses, grads))
-    assert 0 < stats.peak_host_tier_bytes <= budget
-    assert highest <= budget
-    assert stats.host_bytes_written > 0
-    if policy == "all":
+    assert stats.peak_host_tier_bytes <= budget and highest <= budget
+    if policy == "adaptive":
+        # On a CPU host the tier would keep tensors in place, which saves no memory: the
+        # adaptive plan leaves it out (it places layers on the drive or keeps them).
+        assert stats.peak_host_tier_bytes == 0 and stats.plan_version >= 1
+    else:
+        assert stats.peak_host_tier_bytes > 0 and stats.host_bytes_written > 0
         # The tier filled first; what did not fit went to the drive.
         assert stats.bytes_written > 0
         assert stats.peak_host_tier_bytes > budget // 2

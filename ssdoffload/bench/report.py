@@ -66,6 +66,16 @@ def format_table(report: dict) -> str:
         if b.get("fraction_of_optimum") is not None:
             out.append(f"ssd memory reduction: {_mib(b['achieved_reduction_bytes'])} MiB = "
                        f"{b['fraction_of_optimum']:.0%} of the optimum")
+    th = report.get("throttle") or {}
+    if th.get("bytes_per_s"):
+        out.append(f"throttled drive: reads and writes of the ssd strategies capped at "
+                   f"{th['bytes_per_s'] / 1e6:.1f} MB/s ({th.get('source', '')})")
+    for name, plan in (report.get("plans") or {}).items():
+        if plan:
+            names = {g["group"]: g["name"] for g in plan["groups"]}
+            fmt = lambda idx: ", ".join(names[i] for i in idx) or "-"
+            out.append(f"{name} plan v{plan['version']}: ssd [{fmt(plan['ssd'])}] ram [{fmt(plan['ram'])}] "
+                       f"device [{fmt(plan['device'])}], read-ahead {plan['prefetch_depth']} groups -- {plan['reason']}")
     lc = report["loss_check"]
     if lc["identical"]:
         out.append("losses: bit-identical across strategies at every step")

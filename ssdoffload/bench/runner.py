@@ -28,7 +28,7 @@ from .memory import PeakRSS
 from .model import GPT, synthetic_batch
 from .presets import Preset, default_preset_name, get_preset, parameter_count
 from .steps import MemoryPass, StepRecord, memory_pass, run_step, timeline_step
-from .strategies import STRATEGIES, build_strategies
+from .strategies import ADAPTIVE_STRATEGIES, STRATEGIES, build_strategies, strategy_offload_config
 
 log = logging.getLogger("ssdoffload")
 
@@ -57,6 +57,11 @@ class BenchOptions:
     memory_budget: Optional[int] = None
     sweep_max_micro_batch: Optional[int] = None
     threads: Optional[int] = None  # torch intra-op threads; default on a CPU: cores - 1
+    # A throttled drive: cap reads and writes of every ssd strategy at this many bytes/s, or at
+    # this fraction of the write bandwidth full offload needs (measured with keep first).
+    throttle_bandwidth: Optional[float] = None
+    throttle_fraction: Optional[float] = None
+    host_cache_bytes: Optional[int] = None  # ram+ssd's tier (default: half the offloadable bytes)
 
 
 def default_threads(device: torch.device) -> int:
@@ -114,6 +119,63 @@ def offload_config_for(preset: Preset, paths: Sequence[str], extra: Dict[str, ob
     return OffloadConfig(**kwargs)
 
 
+def _throttle(options: BenchOptions, preset: Preset, device: torch.device, names: Sequence[str]) -> dict:
+    """The throttled-drive cap (and ram+ssd's default tier size) for this run, with how it was
+    derived. Measuring what full offload needs costs a few untimed keep steps."""
+    out: Dict[str, object] = {}
+    demand = None
+    need_demand = options.throttle_fraction is not None or \
+        ("ram+ssd" in names and options.host_cache_bytes is None)
+    if need_demand:
+        from .demand import measure_demand
+        demand = measure_demand(preset, device, seed=options.seed)
+        out["demand"] = demand.as_dict()
+    if options.throttle_bandwidth is not None:
+        out["bytes_per_s"] = float(options.throttle_bandwidth)
+        out["source"] = "--throttle-bandwidth"
+    elif options.throttle_fraction is not None:
+        assert demand is not None
+        out["bytes_per_s"] = options.throttle_fraction * demand.write_bytes_per_s
+        out["fraction_of_full_offload_need"] = options.throttle_fraction
+        out["source"] = (f"--throttle-fraction {options.throttle_fraction}: that fraction of the write bandwidth "
+                         f"full offload needs (offloadable bytes / forward time with keep)")
+    if "ram+ssd" in names:
+        if options.host_cache_bytes is not None:
+            out["host_cache_bytes"] = int(options.host_cache_bytes)
+        else:
+            assert demand is not None
+            out["host_cache_bytes"] = max(4096, demand.offloadable_bytes // 2)
+    if out.get("bytes_per_s"):
+        log.info("ssdoffload bench: throttled drive, reads and writes capped at %.1f MB/s",
+                 out["bytes_per_s"] / 1e6)
+    return out
+
+
+def adaptive_targets(summaries: Dict[str, dict], cuda: bool, throttle: dict) -> List[dict]:
+    """Issue 7's targets: the adaptive strategies stall < 2% of the step time while cutting
+    peak activation memory below keep's (and, for comparison, how much full offload stalls)."""
+    out: List[dict] = []
+    keep = summaries.get("keep")
+    for name in ADAPTIVE_STRATEGIES:
+        s = summaries.get(name)
+        if s is None or keep is None:
+            continue
+        off = s.get("offload") or {}
+        stall = (off.get("stall_seconds_per_step") or 0.0) / s["step_seconds"]["median"]
+        out.append({"name": f"{name} stalls < 2% of step time", "value": stall, "limit": 0.02,
+                    "met": stall < 0.02, "note": ""})
+        mem = (s.get("ratio_to_keep") or {}).get("memory")
+        out.append({"name": f"{name} peak activation memory < keep", "value": mem, "limit": 1.0,
+                    "met": mem is not None and mem < 1.0, "note": ""})
+    full = summaries.get("ssd")
+    if full is not None and throttle.get("bytes_per_s"):
+        off = full.get("offload") or {}
+        stall = (off.get("stall_seconds_per_step") or 0.0) / full["step_seconds"]["median"]
+        out.append({"name": "for comparison: ssd (fixed full offload) stall share on the throttled drive",
+                    "value": stall, "limit": None, "met": True, "note": ""})
+    return out
+
+
 def _progress(total: int, enabled: bool, desc: str):
     try:
         from tqdm import tqdm
@@ -159,18 +221,28 @@ def _run(options: BenchOptions, device: torch.device) -> dict:
         torch.manual_seed(options.seed)
         with torch.device(device):
             initial = GPT(cfg).state_dict()
-        config = offload_config_for(preset, paths, options.offload_options)
-        strategies = build_strategies(names, cfg, initial, device, lambda name: config)
+        throttle = _throttle(options, preset, device, names)
+        extra = dict(options.offload_options)
+        if throttle.get("bytes_per_s"):
+            extra.update(max_write_bandwidth=throttle["bytes_per_s"], max_read_bandwidth=throttle["bytes_per_s"])
+        if "ram+ssd" in names:
+            extra["host_cache_bytes"] = throttle.pop("host_cache_bytes")
+        throttle.pop("host_cache_bytes", None)
+        config = offload_config_for(preset, paths, extra)
+        strategies = build_strategies(names, cfg, initial, device,
+                                      lambda name: strategy_offload_config(name, config))
         del initial
         records: Dict[str, List[StepRecord]] = {n: [] for n in names}
         memory: Dict[str, MemoryPass] = {}
         timeline = None
+        plans: dict = {}
+        plan_history: dict = {}
         rss = PeakRSS()
         total_steps = preset.warmup + preset.steps
         bar = _progress(total_steps * len(names) + len(names), options.progress, f"bench {preset.name}")
         try:
             batch0 = synthetic_batch(cfg, preset.micro_batch, device, seed=options.seed * 7919)
-            for name in names:  # untimed memory passes
+            for name in [n for n in names if n not in ADAPTIVE_STRATEGIES]:  # untimed memory passes
                 bar.set_postfix_str(f"memory {name}")
                 memory[name] = memory_pass(strategies[name], batch0, options.seed, preset.dtype,
                                            preset.min_offload_bytes)
@@ -184,6 +256,15 @@ def _run(options: BenchOptions, device: torch.device) -> dict:
                     records[name].append(rec)
                     bar.set_postfix_str(f"{name} {rec.seconds:.2f}s")
                     bar.update(1)
+            for name in [n for n in names if n in ADAPTIVE_STRATEGIES]:
+                # After the timed steps: the plan in force, not the profiling step's.
+                bar.set_postfix_str(f"memory {name}")
+                memory[name] = memory_pass(strategies[name], batch0, options.seed, preset.dtype,
+                                           preset.min_offload_bytes)
+                bar.update(1)
+            plans = {n: strategies[n].plan() for n in names if n in ADAPTIVE_STRATEGIES}
+            plan_history = {n: [p.as_dict() for p in strategies[n].offloader.plan_history()]
+                            for n in names if n in ADAPTIVE_STRATEGIES}
             if options.timeline:
                 ssd_name = "ssd" if "ssd" in strategies else "ssd+recompute" if "ssd+recompute" in strategies else None
                 if ssd_name is not None:
@@ -232,12 +313,20 @@ def _run(options: BenchOptions, device: torch.device) -> dict:
         "bandwidth_bound": bound,
         "targets": analysis.targets(summaries, losses, bound, cuda, write_bps, preset.name),
         "offload_config": {k: v for k, v in dataclasses.asdict(config).items() if k not in ("layers", "paths")},
+        "strategy_offload_configs": {n: {k: v for k, v in dataclasses.asdict(strategy_offload_config(n, config)).items()
+                                         if k in ("policy", "host_cache_bytes", "max_write_bandwidth",
+                                                  "max_read_bandwidth")}
+                                     for n in names if n.startswith("ssd") or n == "ram+ssd"},
         "spill_paths": list(paths),
         "spill_paths_temporary": temporary,
         "environment": env,
         "timeline": timeline.as_dict() if timeline is not None else None,
+        "throttle": throttle or None,
+        "plans": plans,
+        "plan_history": plan_history,
         "memory_passes": {n: dataclasses.asdict(m) for n, m in memory.items()},
     }
+    report["targets"].extend(adaptive_targets(summaries, cuda, throttle))
     if sweep is not None:
         report["sweep"] = sweep
     report["wall_seconds"] = time.perf_counter() - started

@@ -1,4 +1,4 @@
-"""The five ways of handling activations that the benchmark compares.
+"""The ways of handling activations that the benchmark compares.
 
 Each ``Strategy`` owns its own copy of the model (loaded from one shared initial state_dict),
 its own optimizer and, for the ssd strategies, its own ``Offloader``:
@@ -6,12 +6,16 @@ its own optimizer and, for the ssd strategies, its own ``Offloader``:
 * ``keep``: plain training, every saved tensor stays in memory (the baseline);
 * ``recompute``: non-reentrant ``torch.utils.checkpoint`` around every block;
 * ``cpu``: PyTorch's own ``torch.autograd.graph.save_on_cpu`` (pinned when CUDA is present);
-* ``ssd``: ssdoffload;
-* ``ssd+recompute``: ssdoffload around checkpointed blocks (it then spills the block inputs).
+* ``ssd``: ssdoffload with the fixed full-offload plan (``policy="all"``);
+* ``ssd+recompute``: ssdoffload around checkpointed blocks (it then spills the block inputs);
+* ``ssd-adaptive``: ssdoffload's adaptive policy: only the layers whose I/O the drive can hide;
+* ``ram+ssd``: the adaptive policy with a host-RAM tier (``host_cache_bytes``) in front of the
+  drive.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from typing import Callable, ContextManager, Dict, Optional, Sequence, Tuple
 
 import torch
@@ -21,9 +25,31 @@ from ..offloader import Offloader
 from ..stats import OffloadStats
 from .model import GPT, GPTConfig
 
-STRATEGIES: Tuple[str, ...] = ("keep", "recompute", "cpu", "ssd", "ssd+recompute")
+STRATEGIES: Tuple[str, ...] = ("keep", "recompute", "cpu", "ssd", "ssd+recompute", "ssd-adaptive", "ram+ssd")
 
-HookPair = Tuple[Callable[[torch.Tensor], object], Callable[[object], torch.Tensor]]
+#: Strategies whose plan changes after the first steps (their memory pass runs after the timed
+#: steps, so it measures the plan in force rather than the profiling step).
+ADAPTIVE_STRATEGIES: Tuple[str, ...] = ("ssd-adaptive", "ram+ssd")
+
+
+def strategy_offload_config(name: str, base: OffloadConfig) -> OffloadConfig:
+    """The ``OffloadConfig`` of ssd strategy ``name`` from the run's shared one: ``ssd`` and
+    ``ssd+recompute`` use the fixed full-offload plan, ``ssd-adaptive`` the adaptive policy,
+    both without a RAM tier; ``ram+ssd`` the adaptive policy with the shared config's
+    ``host_cache_bytes`` (which must be > 0)."""
+    if name in ("ssd", "ssd+recompute"):
+        return dataclasses.replace(base, policy="all", host_cache_bytes=0)
+    if name == "ssd-adaptive":
+        return dataclasses.replace(base, policy="adaptive", host_cache_bytes=0)
+    if name == "ram+ssd":
+        if base.host_cache_bytes <= 0:
+            raise ValueError("strategy 'ram+ssd' needs a host cache size > 0 (--host-cache)")
+        return dataclasses.replace(base, policy="adaptive")
+    raise ValueError(f"strategy {name!r} does not use ssdoffload")
+
+
+def uses_offloader(name: str) -> bool:
+    return name.startswith("ssd") or name == "ram+ssd"
 
 
 class Strategy:
@@ -43,7 +69,7 @@ class Strategy:
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=lr)
         self.offloader: Optional[Offloader] = None
         self._cpu_hooks: Optional[torch.autograd.graph.save_on_cpu] = None
-        if name.startswith("ssd"):
+        if uses_offloader(name):
             if offload_config is None:
                 raise ValueError(f"strategy {name!r} needs an OffloadConfig")
             self.offloader = Offloader(self.model, offload_config)
@@ -79,6 +105,11 @@ class Strategy:
         if self.offloader is not None:
             self.offloader.wait()
 
+    def plan(self) -> Optional[dict]:
+        """The adaptive plan in force, as a dict (None for fixed plans)."""
+        plan = self.offloader.plan() if self.offloader is not None else None
+        return plan.as_dict() if plan is not None else None
+
     def step_stats(self) -> Optional[OffloadStats]:
         return self.offloader.last_step_stats() if self.offloader is not None else None
 
@@ -99,7 +130,7 @@ def build_strategies(names: Sequence[str], cfg: GPTConfig, state_dict: dict, dev
     try:
         for name in names:
             built[name] = Strategy(name, cfg, state_dict, device,
-                                   offload_config(name) if name.startswith("ssd") else None)
+                                   offload_config(name) if uses_offloader(name) else None)
     except BaseException:
         for s in built.values():
             s.close()

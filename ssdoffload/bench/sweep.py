@@ -22,7 +22,7 @@ from .memory import PeakRSS
 from .model import GPT, synthetic_batch
 from .presets import Preset
 from .steps import MemoryPass, memory_pass, run_step
-from .strategies import Strategy
+from .strategies import Strategy, strategy_offload_config, uses_offloader
 
 log = logging.getLogger("ssdoffload")
 
@@ -30,7 +30,7 @@ log = logging.getLogger("ssdoffload")
 def _measure(name: str, preset: Preset, mb: int, device: torch.device, config: OffloadConfig,
              state_dict: dict, seed: int) -> dict:
     cfg = preset.model
-    strategy = Strategy(name, cfg, state_dict, device, config if name.startswith("ssd") else None)
+    strategy = Strategy(name, cfg, state_dict, device, strategy_offload_config(name, config) if uses_offloader(name) else None)
     try:
         batch = synthetic_batch(cfg, mb, device, seed=seed)
         rss = PeakRSS()
