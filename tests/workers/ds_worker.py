@@ -53,7 +53,8 @@ def ds_config(micro: int, gas: int, world: int, zero: int = 0, bf16: bool = Fals
 
 def block(spill: str, enabled: bool, **kw) -> dict:
     b = {"enabled": enabled, "path": spill, "min_offload_bytes": 4096,
-         "initial_file_bytes": 1 << 20, "prefetch_depth": 2, "io_threads": 2}
+         "initial_file_bytes": 1 << 20, "prefetch_depth": 2, "io_threads": 2,
+         "policy": "all"}  # the tests count what full offload moves every step
     b.update(kw)
     return b
 
