@@ -25,3 +25,7 @@ class IntegrityError(OffloadError):
         super().__init__(f"checksum mismatch in {path} at offset {offset}: "
                          f"expected crc32c {expected:#010x}, read {got:#010x}")
         self.path, self.offset = path, offset
+
+
+class WriteAbandoned(OffloadError):
+    """A write stopped between pieces because backward already used and freed its tensor."""

@@ -115,7 +115,7 @@ class HostTierBackend:
         self._h2d = torch.cuda.Stream(device)
 
     def write(self, src: torch.Tensor, slot: HostSlot, ready: Optional["torch.cuda.Event"],
-              verify: bool = False) -> None:
+              verify: bool = False, stop=None) -> None:
         dst = self.tier.view(slot)
         with torch.cuda.stream(self._d2h):
             if ready is not None:

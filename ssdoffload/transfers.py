@@ -41,7 +41,7 @@ import torch
 from torch.autograd.profiler import record_function
 
 from .cache import HOLDS_MEMORY, Entry, OffloadCache, State
-from .errors import OffloadError, SpillReadError
+from .errors import OffloadError, SpillReadError, WriteAbandoned
 from .io import IOEngine, byte_view
 from .stats import StatsCollector, Timeline
 from .store import SpillStore
@@ -148,7 +148,9 @@ class Transfers:
         return True
 
     def _submit_write(self, submit, entry: Entry, storage: torch.UntypedStorage, ready) -> None:
-        fut = submit(self._write_job, entry, byte_view(storage), ready)
+        # The job takes the storage from the entry when it starts, not as an argument: a queued
+        # job must not keep device memory alive after backward freed the entry.
+        fut = submit(self._write_job, entry, ready)
         entry.write_future = fut
         with self._pending_lock:
             self._pending_writes.add(fut)
@@ -166,7 +168,7 @@ class Transfers:
         with self._pending_lock:
             self._pending_writes.discard(fut)
 
-    def _write_job(self, entry: Entry, src: torch.Tensor, ready) -> None:
+    def _write_job(self, entry: Entry, ready) -> None:
         if entry.state is State.FREED:  # backward already used and dropped it: nothing to save
             self.stats.add(writes_skipped=1)
             return
@@ -174,9 +176,14 @@ class Transfers:
         if not host and self.write_limiter is not None:
             waited = self.write_limiter.take(entry.nbytes, lambda: entry.state is State.FREED)
             self.stats.add(write_throttle_seconds=waited)
-            if entry.state is State.FREED:  # freed while the cap held it back
-                self.stats.add(writes_skipped=1)
-                return
+        # Only now take the memory: waiting in the queue or for the cap must not keep it alive.
+        with self.cache.lock:
+            storage = entry.storage
+        if entry.state is State.FREED or storage is None:
+            self.stats.add(writes_skipped=1)
+            return
+        src = byte_view(storage)
+        del storage
         backend = self._tier_backend(entry.device) if host else self.engine.backend_for(entry.device)
         clock = None if host else self._write_clock
         if clock is not None:
@@ -184,9 +191,15 @@ class Transfers:
         t0 = time.perf_counter()
         try:
             with record_function("ssdoffload.write"):
-                entry.checksums = backend.write(src, entry.extent, ready, self.verify and not host)
+                entry.checksums = backend.write(src, entry.extent, ready, self.verify and not host,
+                                                stop=lambda: entry.state is State.FREED)
             self.timeline.add("host-write" if host else "write", t0, time.perf_counter(), entry.nbytes,
                               entry.layer, entry.scope)
+        except WriteAbandoned:
+            if clock is not None:
+                self.stats.add(write_seconds=clock.stop())
+            self.stats.add(writes_skipped=1)
+            return
         except (OSError, RuntimeError) as exc:
             if clock is not None:
                 self.stats.add(write_seconds=clock.stop())

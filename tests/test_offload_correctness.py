@@ -237,3 +237,27 @@ def test_gpt_bit_identical_cuda(spill_dir, backend, autocast):
                       device="cuda", micro_batch=8)
     assert_bit_identical(reference, offloaded)
     assert offloaded[2].bytes_written > 0 and offloaded[2].bytes_read > 0
+
+
+def test_queued_writes_do_not_keep_freed_activations_alive(spill_dir):
+    """Writes waiting in the queue (here: held back by a tiny bandwidth cap) hold no memory:
+    once backward has used and freed a tensor, its storage is gone at once."""
+    from ssdoffload.bench.model import GPT, synthetic_batch
+    reference = train(None, steps=1)
+    torch.manual_seed(0)
+    model = GPT(TINY)
+    cfg = _cfg(spill_dir, policy="all", max_write_bandwidth=1 << 20)  # 1 MiB/s: writes queue up
+    with ssdoffload.Offloader(model, cfg) as off:
+        tokens, targets = synthetic_batch(TINY, 4, torch.device("cpu"), 0)
+        with off.step():
+            loss = model(tokens, targets)
+            entries = off.cache.all_entries()
+            tokens_ = [e.token for e in entries]
+            loss.backward()
+        alive = sum(t.alive for t in tokens_)
+        assert len(tokens_) > 4
+        assert alive <= 2, f"{alive} of {len(tokens_)} freed activations still held by queued writes"
+        grads = [p.grad for p in model.parameters()]
+    for a, b in zip(reference[1][0], grads):
+        assert torch.equal(a, b)
+    assert off.stats().writes_skipped > 0

@@ -25,7 +25,7 @@ from __future__ import annotations
 import abc
 import concurrent.futures
 import threading
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 import torch
 
@@ -59,11 +59,13 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def write(self, src: torch.Tensor, extent: Extent, ready: Optional["torch.cuda.Event"],
-              verify: bool = False) -> Optional[List[int]]:
+              verify: bool = False, stop: Optional[Callable[[], bool]] = None) -> Optional[List[int]]:
         """Write all of ``src`` at ``extent``. Raises ``OSError`` on failure.
 
         With ``verify``, returns the CRC-32C of each piece written (the backend's granularity),
-        to be handed back to ``read``.
+        to be handed back to ``read``. Backends that write in pieces call ``stop()`` between
+        pieces and raise ``WriteAbandoned`` when it is true (the tensor was freed: finishing the
+        write would only hold device memory and drive time for nothing).
         """
 
     @abc.abstractmethod

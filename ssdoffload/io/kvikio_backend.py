@@ -21,8 +21,13 @@ from typing import Dict, Optional
 
 import torch
 
+from ..errors import WriteAbandoned
 from ..store import Extent
 from .base import Backend
+
+
+#: Size of one kvikio request; between requests a write checks whether it is still wanted.
+PIECE_BYTES = 64 << 20
 
 
 def kvikio_available() -> bool:
@@ -60,14 +65,22 @@ class KvikioBackend(Backend):
             return f
 
     def write(self, src: torch.Tensor, extent: Extent, ready: Optional[torch.cuda.Event],
-              verify: bool = False) -> None:
+              verify: bool = False, stop=None) -> None:
         if verify:  # BackendSet never routes verified writes here
             raise ValueError("the kvikio backend does not checksum; use the staged native backend")
         if ready is not None:
             ready.synchronize()
-        n = self._file(extent).pwrite(src, src.numel(), extent.offset, self._task_bytes).get()
-        if n != src.numel():
-            raise OSError(5, f"short write: {n} of {src.numel()} bytes", extent.file.path)
+        f = self._file(extent)
+        total = src.numel()
+        # Pieces of PIECE_BYTES, so a write whose tensor backward already freed stops early.
+        for start in range(0, total, PIECE_BYTES):
+            if stop is not None and start and stop():
+                raise WriteAbandoned(f"write abandoned after {start} of {total} bytes")
+            n = min(PIECE_BYTES, total - start)
+            done = f.pwrite(src[start:start + n], n, extent.offset + start, self._task_bytes).get()
+            if done != n:
+                raise OSError(5, f"short write: {done} of {n} bytes at {extent.offset + start}",
+                              extent.file.path)
 
     def read(self, dst: torch.Tensor, extent: Extent, allocated: Optional[torch.cuda.Event],
              expected=None) -> Optional[torch.cuda.Event]:

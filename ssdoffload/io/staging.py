@@ -26,6 +26,7 @@ import torch
 from ..allocator import align_up
 from ..store import Extent
 from .. import _native
+from ..errors import WriteAbandoned
 from .base import Backend, check_crc
 from .native import NativeEngine
 
@@ -74,13 +75,15 @@ class StagedCudaBackend(Backend):
         return device.type == "cuda"
 
     def write(self, src: torch.Tensor, extent: Extent, ready: Optional[torch.cuda.Event],
-              verify: bool = False) -> Optional[List[int]]:
+              verify: bool = False, stop=None) -> Optional[List[int]]:
         nbytes = src.numel()
         crcs: List[int] = []
         slab_bytes = self.pool.slab_bytes
         inflight: deque = deque()  # (slab, request)
         try:
             for start in range(0, nbytes, slab_bytes):
+                if stop is not None and start and stop():
+                    raise WriteAbandoned(f"write abandoned after {start} of {nbytes} bytes")
                 n = min(slab_bytes, nbytes - start)
                 slab = self.pool.acquire()
                 try:
