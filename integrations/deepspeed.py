@@ -311,7 +311,22 @@ def _backward_started(offload: DeepSpeedOffload, key: Any, grad: torch.Tensor) -
     offload.prefetch(key)
 
 
-class _EngineMixin:
+class _DestroyMixin:
+    """Both engine subclasses: ``destroy()`` also closes the offloader (threads, spill files)."""
+
+    ssd_offload: "DeepSpeedOffload"
+
+    def destroy(self, *args, **kwargs):
+        try:
+            self.ssd_offload.close()
+        finally:
+            parent = getattr(super(), "destroy", None)
+            if parent is not None:
+                return parent(*args, **kwargs)
+        return None
+
+
+class _EngineMixin(_DestroyMixin):
     """Offloading for ``DeepSpeedEngine``: one scope per ``forward``."""
 
     ssd_offload: DeepSpeedOffload
@@ -336,15 +351,6 @@ class _EngineMixin:
         if boundary:
             self.ssd_offload.end_step()
         return result
-
-    def destroy(self, *args, **kwargs):
-        try:
-            self.ssd_offload.close()
-        finally:
-            parent = getattr(super(), "destroy", None)
-            if parent is not None:
-                return parent(*args, **kwargs)
-        return None
 
 
 class _LookaheadSchedule:
@@ -392,7 +398,7 @@ class _LookaheadSchedule:
                     self._on_backward_next(upcoming.buffer_id)
 
 
-class _PipeMixin:
+class _PipeMixin(_DestroyMixin):
     """Offloading for ``PipelineEngine``: one scope per pipeline buffer's forward."""
 
     ssd_offload: DeepSpeedOffload
@@ -428,14 +434,6 @@ class _PipeMixin:
         self.ssd_offload.end_step()
         return result
 
-    def destroy(self, *args, **kwargs):
-        try:
-            self.ssd_offload.close()
-        finally:
-            parent = getattr(super(), "destroy", None)
-            if parent is not None:
-                return parent(*args, **kwargs)
-        return None
 
 
 def _ForwardPass():

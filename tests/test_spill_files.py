@@ -66,14 +66,21 @@ def test_files_removed_after_exception_in_step(tmp_path):
     assert _files(d) == []
 
 
-def test_files_removed_when_the_process_exits_without_close(tmp_path):
-    d = str(tmp_path / "act")
-    script = textwrap.dedent(f"""
-        import sys, torch, ssdoffload
+def _child_script(d, body):
+    """A Python program that makes an Offloader on ``d`` for a small model, then runs ``body``."""
+    head = f"""
+        import os, signal, sys, torch, ssdoffload
         from torch import nn
         model = nn.Sequential(nn.Linear(256, 256), nn.GELU(), nn.Linear(256, 256))
         off = ssdoffload.Offloader(model, ssdoffload.OffloadConfig(path={d!r}, min_offload_bytes=4096,
                                                                    initial_file_bytes=1 << 20))
+    """
+    return textwrap.dedent(head) + textwrap.dedent(body)
+
+
+def test_files_removed_when_the_process_exits_without_close(tmp_path):
+    d = str(tmp_path / "act")
+    script = _child_script(d, """
         with off.step():
             model(torch.randn(512, 256)).sum().backward()
         print(off.spill_files[0]); sys.stdout.flush()
@@ -86,12 +93,7 @@ def test_files_removed_when_the_process_exits_without_close(tmp_path):
 
 def test_crashed_process_files_reclaimed_by_next_start(tmp_path):
     d = str(tmp_path / "act")
-    script = textwrap.dedent(f"""
-        import os, signal, sys, torch, ssdoffload
-        from torch import nn
-        model = nn.Sequential(nn.Linear(256, 256), nn.GELU(), nn.Linear(256, 256))
-        off = ssdoffload.Offloader(model, ssdoffload.OffloadConfig(path={d!r}, min_offload_bytes=4096,
-                                                                   initial_file_bytes=1 << 20))
+    script = _child_script(d, """
         with off.step():
             loss = model(torch.randn(512, 256)).sum()
             off.wait()
