@@ -5,7 +5,7 @@ import os
 from typing import List
 
 COLORS = {"keep": "#4c72b0", "recompute": "#dd8452", "cpu": "#55a868", "ssd": "#c44e52",
-          "ssd+recompute": "#8172b3"}
+          "ssd+recompute": "#8172b3", "ssd-adaptive": "#937860", "ram+ssd": "#da8bc3"}
 
 
 def _plt():
