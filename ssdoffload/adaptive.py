@@ -23,7 +23,6 @@ immutable object swapped in by one assignment, so a reader sees the old or the n
 """
 from __future__ import annotations
 
-import bisect
 import logging
 import math
 from dataclasses import dataclass, field

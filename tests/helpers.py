@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import contextlib
-from typing import List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 
@@ -14,8 +14,15 @@ TINY = GPTConfig(vocab=256, seq=64, hidden=64, heads=4, layers=4, dropout=0.1)
 
 def train(config: Optional[ssdoffload.OffloadConfig], steps: int = 3, cfg: GPTConfig = TINY,
           micro_batch: int = 4, autocast: Optional[torch.dtype] = None, recompute: bool = False,
-          device: str = "cpu", seed: int = 0) -> Tuple[List[torch.Tensor], List[List[torch.Tensor]], Optional[ssdoffload.OffloadStats]]:
-    """Train ``steps`` SGD steps; returns losses, the gradients of every step, and the stats."""
+          device: str = "cpu", seed: int = 0,
+          before_step: Optional[Callable[[ssdoffload.Offloader, int], None]] = None,
+          after_step: Optional[Callable[[ssdoffload.Offloader, int], None]] = None,
+          ) -> Tuple[List[torch.Tensor], List[List[torch.Tensor]], Optional[ssdoffload.OffloadStats]]:
+    """Train ``steps`` SGD steps; returns losses, the gradients of every step, and the stats.
+
+    ``before_step(off, step)`` / ``after_step(off, step)`` run around each offloaded step (to
+    change caps, record plans, or check the offloader's state while it is still open).
+    """
     torch.manual_seed(seed)
     model = GPT(cfg, recompute=recompute).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -24,6 +31,8 @@ def train(config: Optional[ssdoffload.OffloadConfig], steps: int = 3, cfg: GPTCo
     try:
         for step in range(steps):
             tokens, targets = synthetic_batch(cfg, micro_batch, torch.device(device), seed=step)
+            if off is not None and before_step is not None:
+                before_step(off, step)
             scope = off.step() if off is not None else contextlib.nullcontext()
             amp = torch.autocast(device_type=device, dtype=autocast) if autocast else contextlib.nullcontext()
             with scope:
@@ -34,6 +43,8 @@ def train(config: Optional[ssdoffload.OffloadConfig], steps: int = 3, cfg: GPTCo
             grads.append([p.grad.detach().clone() for p in model.parameters()])
             opt.step()
             opt.zero_grad(set_to_none=True)
+            if off is not None and after_step is not None:
+                after_step(off, step)
         stats = off.stats() if off is not None else None
     finally:
         if off is not None:

@@ -1,7 +1,6 @@
 """The adaptive policy: plan choice on synthetic timings (pure functions), re-planning with
 damping, the write-bandwidth cap, and bit-identical gradients while the plan changes (real
 training, real files)."""
-import math
 import os
 
 import pytest
@@ -202,26 +201,18 @@ def _cfg(spill_dir, **kw):
 
 def _train_with_cap_changes(config, steps, changes, cfg=TINY, seed=0):
     """Like helpers.train, but ``changes[step] = (write, read)`` sets the caps before that step."""
-    from ssdoffload.bench.model import GPT, synthetic_batch
-    torch.manual_seed(seed)
-    model = GPT(cfg)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    losses, grads, plans = [], [], []
-    with ssdoffload.Offloader(model, config) as off:
-        for step in range(steps):
-            if step in changes:
-                off.set_bandwidth_caps(*changes[step])
-            tokens, targets = synthetic_batch(cfg, 4, torch.device("cpu"), seed=step)
-            with off.step():
-                loss = model(tokens, targets)
-                loss.backward()
-            losses.append(loss.detach().clone())
-            grads.append([p.grad.detach().clone() for p in model.parameters()])
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            plans.append(off.plan())
-        stats = off.stats()
-        history = off.plan_history()
+    plans, history = [], []
+
+    def before(off, step):
+        if step in changes:
+            off.set_bandwidth_caps(*changes[step])
+
+    def after(off, step):
+        plans.append(off.plan())
+        history[:] = off.plan_history()
+
+    losses, grads, stats = train(config, steps=steps, cfg=cfg, seed=seed,
+                                 before_step=before, after_step=after)
     return losses, grads, stats, plans, history
 
 

@@ -36,26 +36,17 @@ def test_budget_is_strict():
 
 @pytest.mark.parametrize("policy", ["all", "adaptive"])
 def test_ram_first_overflow_to_ssd_budget_never_exceeded(spill_dir, policy):
-    from ssdoffload.bench.model import GPT, synthetic_batch
     budget = 384 << 10
     reference = train(None, steps=4)
-    torch.manual_seed(0)
-    model = GPT(TINY)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    losses, grads = [], []
-    with ssdoffload.Offloader(model, _cfg(spill_dir, policy=policy, host_cache_bytes=budget)) as off:
-        for step in range(4):
-            tokens, targets = synthetic_batch(TINY, 4, torch.device("cpu"), seed=step)
-            with off.step():
-                loss = model(tokens, targets)
-                loss.backward()
-            losses.append(loss.detach().clone())
-            grads.append([p.grad.detach().clone() for p in model.parameters()])
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            assert off.tier.used == 0  # every slot returned once backward freed its tensors
-        stats = off.stats()
-        highest = off.tier.peak  # the most ever reserved at once (checked at every reserve)
+    peaks = []
+
+    def after(off, step):
+        assert off.tier.used == 0  # every slot returned once backward freed its tensors
+        peaks.append(off.tier.peak)  # the most ever reserved at once (checked at every reserve)
+
+    losses, grads, stats = train(_cfg(spill_dir, policy=policy, host_cache_bytes=budget), steps=4,
+                                 after_step=after)
+    highest = max(peaks)
     assert_bit_identical(reference, (losses, grads))
     assert stats.peak_host_tier_bytes <= budget and highest <= budget
     if policy == "adaptive":

@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import resource
 from typing import Callable, Dict, Iterable, List, Optional, Set, Tuple
 

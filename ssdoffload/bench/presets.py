@@ -10,7 +10,7 @@ the forward produces activations slowly, so the compute-to-bytes ratio is what d
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict
 
 from .model import GPTConfig

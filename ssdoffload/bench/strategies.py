@@ -27,6 +27,9 @@ from .model import GPT, GPTConfig
 
 STRATEGIES: Tuple[str, ...] = ("keep", "recompute", "cpu", "ssd", "ssd+recompute", "ssd-adaptive", "ram+ssd")
 
+#: A saved-tensor hook pair: (pack, unpack).
+HookPair = Tuple[Callable[[torch.Tensor], object], Callable[[object], torch.Tensor]]
+
 #: Strategies whose plan changes after the first steps (their memory pass runs after the timed
 #: steps, so it measures the plan in force rather than the profiling step).
 ADAPTIVE_STRATEGIES: Tuple[str, ...] = ("ssd-adaptive", "ram+ssd")
