@@ -13,16 +13,16 @@ from it: "forwarding"); ``ON_DISK`` holds nothing but the extent; ``LOADED`` hol
 buffer. Every transition is checked against ``_ALLOWED``; a wrong one is a bug and raises
 ``StateError``. The cache lock guards state, refcounts and the dedup index.
 
-A ``Handle`` is what the pack hook returns: (entry, view spec, a weak reference to the saved
-tensor and its version). Autograd drops it when the graph is freed; the last drop frees the
-entry's extent and memory.
+A ``Handle`` is what the pack hook returns: (entry, view spec). Autograd drops it when the graph
+is freed; the last drop frees the entry's extent and memory. Every handle of an entry was packed
+from a view of one root tensor at one version (``StorageToken.matches``), so the entry's version
+witness (``views.version_witness``) answers "was it modified in place since?" for all of them.
 """
 from __future__ import annotations
 
 import enum
 import itertools
 import threading
-import weakref
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -71,6 +71,7 @@ class Entry:
     key: Any = None
     storage: Optional[torch.UntypedStorage] = None
     token: Optional[StorageToken] = None
+    witness: Optional[torch.Tensor] = None  # shares the saved tensor's version counter, no memory
     extent: Any = None
     state: State = State.RESIDENT
     refs: int = 0
@@ -92,20 +93,19 @@ class Entry:
 class Handle:
     """What autograd keeps for an offloaded tensor."""
 
-    __slots__ = ("entry", "spec", "tensor_ref", "version", "_cache", "__weakref__")
+    __slots__ = ("entry", "spec", "_cache", "__weakref__")
 
     def __init__(self, cache: "OffloadCache", entry: Entry, tensor: torch.Tensor) -> None:
         self._cache = cache
         self.entry = entry
         self.spec = ViewSpec.of(tensor)
-        self.tensor_ref = weakref.ref(tensor)
-        self.version = tensor._version
 
     def modified_in_place(self) -> bool:
-        """Whether the saved tensor was changed in place after it was saved (autograd would
-        refuse to run backward: we refuse too, instead of returning the old values)."""
-        t = self.tensor_ref()
-        return t is not None and t._version != self.version
+        """Whether the saved tensor (or anything sharing its version counter: its base, its
+        views, ``detach()`` aliases) was changed in place after it was saved. Autograd would
+        refuse to run backward; we refuse too, instead of returning the old values."""
+        entry = self.entry
+        return entry.witness is not None and entry.witness._version != entry.token.version
 
     def __del__(self) -> None:
         cache = self._cache
@@ -132,7 +132,8 @@ class OffloadCache:
 
     # -- dedup ---------------------------------------------------------------------------
     def lookup(self, key: Tuple[str, int], tensor: torch.Tensor, scope: Any) -> Optional[Entry]:
-        """The live entry of this very storage (same storage object, same version), if any."""
+        """The live entry whose bytes provably are ``tensor``'s bytes now (same storage object,
+        same root tensor, same version: ``StorageToken.matches``), if any."""
         with self.lock:
             entry = self._index.get(key)
             if entry is None or entry.scope != scope or entry.token is None or not entry.token.matches(tensor):

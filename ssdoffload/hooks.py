@@ -1,11 +1,14 @@
 """The saved-tensor hooks: the only place autograd is touched.
 
-``pack`` runs when autograd saves a tensor for backward. It either returns the tensor itself
-(kept: parameters, small tensors, ...; see ``policy.py``), a ``Kept`` wrapper (a tensor the
-plan keeps on the device: the wrapper tells the profiler when backward reaches it and counts
-its bytes as resident while autograd holds it), or a
-``Handle`` to an entry whose storage is being written to the spill store or the host-RAM tier;
-the graph then holds no reference to the memory. Where an offloadable tensor goes is the
+``pack`` runs when autograd saves a tensor for backward. It returns a ``Saved`` wrapper (kept:
+parameters, small tensors, ...; see ``policy.py``), a ``Kept`` wrapper (a tensor the plan keeps
+on the device: it also tells the profiler when backward reaches it and counts its bytes as
+resident while autograd holds it), or a ``Handle`` to an entry whose storage is being written
+to the spill store or the host-RAM tier; the graph then holds no reference to the memory.
+
+Autograd does not check saved tensors' versions when saved-tensor hooks are set, so every
+wrapper carries the version at pack time and ``unpack`` raises the error autograd would raise
+("modified by an inplace operation") when it changed — for kept tensors as for offloaded ones. Where an offloadable tensor goes is the
 ``placement(scope)`` callable's answer (``"ssd"``, ``"ram"`` or ``"device"``), asked after the
 dedup lookup, so a storage already offloaded is never kept twice.
 ``unpack`` runs when backward needs the tensor: a kept tensor is returned as is, a handle is
@@ -21,26 +24,59 @@ import torch
 
 from .cache import Entry, Handle, OffloadCache
 from .config import OffloadConfig
-from .policy import Decision, decide
+from .policy import Decision, decide, saved_nbytes
 from .prefetch import Prefetcher
 from .stats import StatsCollector
 from .transfers import Transfers
-from .views import StorageToken, ViewSpec, rebuild, storage_key
+from .views import StorageToken, ViewSpec, rebuild, storage_key, version_witness
 from .layers import in_backward
 from .profiling import StepProfiler
 
 
-class Kept:
+def modified_error(what: str) -> RuntimeError:
+    """The error autograd raises for a saved tensor changed in place (same class: RuntimeError)."""
+    return RuntimeError(
+        f"one of the variables needed for gradient computation ({what}) has been modified by an "
+        "inplace operation after it was saved; autograd cannot compute a correct gradient (use "
+        "out-of-place ops, or clone before modifying)")
+
+
+class Saved:
+    """A saved tensor kept in memory, with its version at pack time."""
+
+    __slots__ = ("tensor", "version")
+
+    def __init__(self, tensor: torch.Tensor, version: int) -> None:
+        self.tensor = tensor
+        self.version = version
+
+    def get(self) -> torch.Tensor:
+        tensor = self.tensor
+        if tensor._version != self.version:
+            raise modified_error(f"{tuple(tensor.shape)} {str(tensor.dtype).replace('torch.', '')}, "
+                                 f"at version {tensor._version}, saved at version {self.version}")
+        return tensor
+
+
+def keep(tensor: torch.Tensor) -> Any:
+    """What ``pack`` returns for a tensor kept as it is."""
+    try:
+        return Saved(tensor, tensor._version)
+    except RuntimeError:  # no version counter to check (inference tensors cannot be saved anyway)
+        return tensor
+
+
+class Kept(Saved):
     """A saved tensor the plan keeps on the device. Unpacking it reports backward progress to
     the profiler; its bytes count as resident (``OffloadStats.resident_bytes``) from the pack
     until autograd drops the last ``Kept`` of that storage (``__del__``, on whichever thread
     frees the graph), so ``peak_resident_bytes`` is the true peak of offloadable activation
     memory under any plan."""
 
-    __slots__ = ("tensor", "scope", "_live", "_key")
+    __slots__ = ("scope", "_live", "_key")
 
     def __init__(self, tensor: torch.Tensor, scope: Any, live: "_KeptBytes", key: Any) -> None:
-        self.tensor = tensor
+        super().__init__(tensor, tensor._version)
         self.scope = scope
         self._live = live
         self._key = key
@@ -89,6 +125,7 @@ class ScopeState:
     key: Any
     group: int = 0
     layer: Optional[int] = None
+    thread: int = 0  # threading.get_ident() of the thread that opened it
 
 
 class SavedTensorHooks:
@@ -115,11 +152,14 @@ class SavedTensorHooks:
     def pack(self, tensor: torch.Tensor) -> Any:
         scope = self.scope
         decision = decide(tensor, self.param_keys, self.config.min_offload_bytes, in_backward())
-        if decision is Decision.OFFLOAD and scope is None:
+        if decision is Decision.OFFLOAD and (scope is None or self.transfers.closed):
             decision = Decision.LAYER_KEPT
         if decision is not Decision.OFFLOAD:
-            self.stats.add(tensors_kept=1, bytes_kept=tensor.untyped_storage().nbytes())
-            return tensor
+            self.stats.add(tensors_kept=1, bytes_kept=saved_nbytes(tensor))
+            return keep(tensor)
+        # A forward after a backward in the same scope (gradient accumulation inside one
+        # step()): the backward's prefetch state must not make the new writes stay in memory.
+        self.prefetcher.forward_resumed(scope.key)
         key = storage_key(tensor)
         nbytes = tensor.untyped_storage().nbytes()
         if self.profiler is not None:
@@ -135,7 +175,7 @@ class SavedTensorHooks:
         storage = tensor.untyped_storage()
         entry = Entry(scope=scope.key, group=scope.group, layer=scope.layer, nbytes=storage.nbytes(),
                       device=tensor.device, label=ViewSpec.of(tensor).describe(), storage=storage,
-                      token=StorageToken(tensor))
+                      token=StorageToken(tensor), witness=version_witness(tensor))
         self.cache.add(key, entry)
         handle = self.cache.new_handle(entry, tensor)
         self.stats.add(tensors_offloaded=1, offloadable_bytes=entry.nbytes)
@@ -145,19 +185,16 @@ class SavedTensorHooks:
 
     def unpack(self, packed: Any) -> torch.Tensor:
         if not isinstance(packed, Handle):
-            if isinstance(packed, Kept):
-                if self.profiler is not None:
+            if isinstance(packed, Saved):
+                if isinstance(packed, Kept) and self.profiler is not None:
                     self.profiler.backward(packed.scope)
-                return packed.tensor
+                return packed.get()
             return packed
         entry = packed.entry
         if self.profiler is not None:
             self.profiler.backward(entry.scope)
         if packed.modified_in_place():
-            raise RuntimeError(
-                f"one of the tensors needed for gradient computation ({entry.describe()}) has been "
-                "modified by an inplace operation after it was saved; autograd cannot compute a "
-                "correct gradient (use out-of-place ops, or clone before modifying)")
+            raise modified_error(entry.describe())
         self.prefetcher.on_backward_reached(entry.scope, entry.group)
         storage = self.transfers.materialize(entry)
         return rebuild(storage, packed.spec)

@@ -17,8 +17,9 @@ import atexit
 import concurrent.futures
 import contextlib
 import dataclasses
-import os
 import itertools
+import os
+import sys
 import logging
 import threading
 import weakref
@@ -146,12 +147,19 @@ class Offloader:
         On an exception inside, the step's spill data is discarded and the spill files removed.
         """
         key = ("step", next(self._step_keys))
+        scope = self.micro_batch(key)
+        # Entering may be refused (a step already open, here or on another thread): that
+        # raises before the try below, so a refusal never aborts the live step.
+        scope.__enter__()
         try:
-            with self.micro_batch(key):
-                yield self
+            yield self
         except BaseException:
-            self.abort()
+            try:
+                scope.__exit__(*sys.exc_info())
+            finally:
+                self.abort()
             raise
+        scope.__exit__(None, None, None)
         self.end_step()
 
     @contextlib.contextmanager
@@ -166,13 +174,16 @@ class Offloader:
             return
         self._check_open()
         with self._lock:
-            if self._active_scope is not None:
+            active = self._active_scope
+            if active is not None:
+                where = "on this thread" if active.thread == threading.get_ident() else "on another thread"
                 raise OffloadError(
-                    f"micro-batch {key!r} started inside micro-batch {self._active_scope.key!r}; "
-                    "scopes do not nest: close one before opening the next")
+                    f"micro-batch {key!r} started while micro-batch {active.key!r} is open {where}; "
+                    "scopes do not nest and one Offloader serves one training loop: close one "
+                    "before opening the next (use one Offloader per thread that trains)")
             if self._store is None:  # removed after an aborted step
                 self._store = SpillStore(self.paths, self.config.initial_file_bytes)
-            scope = ScopeState(key)
+            scope = ScopeState(key, thread=threading.get_ident())
             self._active_scope = scope
         self.prefetcher.forget(key)
         if self.profiler is not None:
@@ -273,6 +284,8 @@ class Offloader:
             return
         self._closed = True
         _live.discard(self)
+        if self.engine is not None:
+            self.transfers.closed = True  # a forward still running keeps what it saves from now
         if os.getpid() != self._owner_pid:
             # A forked child (a DataLoader worker): the I/O threads and the spill files belong to
             # the parent. Joining threads that do not exist here would hang; leave it all alone.
@@ -282,6 +295,7 @@ class Offloader:
         try:
             if self.engine is not None:
                 self.transfers.wait_writes()
+                self._discard_unread("the Offloader was closed before backward used it")
                 self.engine.close()
         finally:
             self._close_store()
@@ -328,19 +342,25 @@ class Offloader:
         if not self.enabled or self._closed:
             return
         self.transfers.wait_writes()
+        self._discard_unread("it was discarded when a step failed")
+        self._close_store()
+        if self.profiler is not None:
+            self.profiler.discard()  # a failed step's timings say nothing about the plan
+        log.info("ssdoffload: step aborted by an exception; spill files removed")
+
+    def _discard_unread(self, why: str) -> None:
+        """Entries whose data lives only in the spill files (or is being read) become FAILED:
+        a later unpack raises ``OffloadError`` saying ``why`` instead of reading a file that is
+        about to go away. Entries that hold their memory keep serving backward."""
         for entry in self.cache.all_entries():
             if entry.read_future is not None:
                 concurrent.futures.wait([entry.read_future])
             with self.cache.lock:
                 if entry.state in (State.ON_DISK, State.LOADING):
-                    entry.error = OffloadError(f"{entry.describe()} was discarded when a step failed")
+                    entry.error = OffloadError(f"ssdoffload: {entry.describe()} cannot be used: {why}")
                     if entry.state is State.ON_DISK:
                         self.cache.transition(entry, State.LOADING)
                     self.cache.transition(entry, State.FAILED)
-        self._close_store()
-        if self.profiler is not None:
-            self.profiler.discard()  # a failed step's timings say nothing about the plan
-        log.info("ssdoffload: step aborted by an exception; spill files removed")
 
     def _on_free(self, entry) -> None:
         self.transfers.on_free(entry)

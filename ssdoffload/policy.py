@@ -2,8 +2,13 @@
 
 Never offload what offloading cannot free or must not touch:
 
-* parameters and buffers, and views of their storage (``W.t()`` saved by ``Linear``): the
-  module keeps them alive anyway, so writing them only costs I/O;
+* parameters, recognised at pack time whatever wraps them: an ``nn.Parameter`` (FSDP2's
+  unsharded parameters are fresh ``nn.Parameter`` objects made during forward; PEFT's frozen
+  weights are parameters with ``requires_grad=False``), a view of one (``W.t()`` saved by
+  ``Linear``), any leaf that requires grad and its views (the user holds it anyway); and the
+  storages of the model's parameters and buffers (a ``.detach()``/``.data`` alias of a weight):
+  the module keeps them alive, so writing them only costs I/O — and FSDP2 frees and refills
+  them (``resize_(0)``) behind our back;
 * autocast copies of parameters (``grad_fn`` is ``ToCopyBackward0`` whose next function is
   ``AccumulateGrad``): autocast's cache holds them for the whole forward;
 * tensor subclasses, sparse/nested/meta tensors and devices other than CPU and CUDA;
@@ -14,7 +19,7 @@ Never offload what offloading cannot free or must not touch:
 from __future__ import annotations
 
 import enum
-from typing import Iterable, Set, Tuple
+from typing import Iterable, Optional, Set, Tuple
 
 import torch
 
@@ -31,14 +36,54 @@ class Decision(enum.Enum):
     LAYER_KEPT = "layer kept on the device"
 
 
+def _plain_storage_key(t: torch.Tensor) -> Optional[Tuple[str, int]]:
+    """(device, address) of a plain strided tensor's storage; None for anything else.
+
+    Tensor subclasses (FSDP2's ``DTensor`` shards) are looked through to their local tensor
+    where they have one; the address of a subclass's own storage is meaningless (torch raises
+    "Attempted to access the data pointer on an invalid python storage").
+    """
+    local = getattr(t, "_local_tensor", None)
+    if local is not None and type(t) is not torch.Tensor:
+        t = local
+    if not isinstance(t, torch.Tensor) or (type(t) is not torch.Tensor and not isinstance(t, torch.nn.Parameter)):
+        return None
+    if t.layout != torch.strided or t.device.type == "meta" or t.is_nested:
+        return None
+    try:
+        return (str(t.device), t.untyped_storage().data_ptr())
+    except (RuntimeError, NotImplementedError):
+        return None
+
+
 def parameter_storages(modules: Iterable[torch.nn.Module]) -> Set[Tuple[str, int]]:
-    """(device, address) of every parameter and buffer storage of ``modules``."""
+    """(device, address) of every parameter and buffer storage of ``modules`` (plain tensors,
+    and the local tensors of sharded ones)."""
     keys = set()
     for module in modules:
         for t in list(module.parameters()) + list(module.buffers()):
-            if t is not None and t.layout == torch.strided and t.device.type != "meta":
-                keys.add((str(t.device), t.untyped_storage().data_ptr()))
+            if t is not None:
+                key = _plain_storage_key(t)
+                if key is not None:
+                    keys.add(key)
     return keys
+
+
+def is_parameter_like(tensor: torch.Tensor) -> bool:
+    """An ``nn.Parameter``, a leaf that requires grad, or a view of either."""
+    base = tensor._base
+    if base is not None:
+        tensor = base
+    return isinstance(tensor, torch.nn.Parameter) or (tensor.requires_grad and tensor.grad_fn is None)
+
+
+def saved_nbytes(tensor: torch.Tensor) -> int:
+    """Bytes of the storage behind ``tensor`` for the statistics; 0 for layouts without one
+    (sparse, nested) or subclasses whose storage is not real memory."""
+    try:
+        return tensor.untyped_storage().nbytes()
+    except (RuntimeError, NotImplementedError):
+        return 0
 
 
 def is_autocast_parameter_copy(tensor: torch.Tensor) -> bool:
@@ -60,9 +105,9 @@ def decide(tensor: torch.Tensor, param_keys: Set[Tuple[str, int]], min_offload_b
             or tensor.layout != torch.strided or tensor.device.type not in ("cpu", "cuda") \
             or tensor.is_nested:
         return Decision.UNSUPPORTED
-    if isinstance(tensor, torch.nn.Parameter):
+    if is_parameter_like(tensor):
         return Decision.PARAMETER
-    if (str(tensor.device), tensor.untyped_storage().data_ptr()) in param_keys:
+    if param_keys and (str(tensor.device), tensor.untyped_storage().data_ptr()) in param_keys:
         return Decision.PARAMETER
     if is_autocast_parameter_copy(tensor):
         return Decision.AUTOCAST_PARAMETER_COPY

@@ -66,6 +66,13 @@ class Prefetcher:
             return 0
         return self.on_backward_reached(scope, groups[-1])
 
+    def forward_resumed(self, scope: Any) -> None:
+        """A forward saves tensors in ``scope`` again after a backward in it (gradient
+        accumulation inside one step): forget how far that backward got, or every new write
+        would look requested and stay in memory."""
+        if scope in self._lowest_started:  # the common case (no backward yet) takes no lock
+            self.forget(scope)
+
     def forget(self, scope: Any) -> None:
         with self._lock:
             self._lowest_started.pop(scope, None)

@@ -31,6 +31,7 @@ class OffloadStats:
     forwarded: int = 0
     write_failures: int = 0
     writes_skipped: int = 0
+    storages_changed: int = 0      # resized or moved after they were saved: kept, not written
     stall_seconds: float = 0.0
     write_seconds: float = 0.0
     read_seconds: float = 0.0

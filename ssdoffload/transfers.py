@@ -99,6 +99,8 @@ class Transfers:
         self._warned_write_failure = False
         self._pending_writes: "set" = set()
         self._pending_lock = threading.Lock()
+        #: Set by ``Offloader.close()``: nothing new is written from then on.
+        self.closed = False
         #: Asked when a write finishes: is backward already at this entry's group? Then the
         #: memory is kept (it would be read straight back) instead of dropped.
         self.wanted: Callable[[Entry], bool] = lambda entry: False
@@ -182,6 +184,10 @@ class Transfers:
         if entry.state is State.FREED or storage is None:
             self.stats.add(writes_skipped=1)
             return
+        token = entry.token
+        if token is not None and not token.unchanged(storage):
+            self._storage_changed(entry)
+            return
         src = byte_view(storage)
         del storage
         backend = self._tier_backend(entry.device) if host else self.engine.backend_for(entry.device)
@@ -211,6 +217,11 @@ class Transfers:
             self.stats.add(bytes_written=entry.nbytes, write_seconds=clock.stop())
         else:
             self.stats.add(host_bytes_written=entry.nbytes)
+        if token is not None and not token.unchanged(src.untyped_storage()):
+            # Resized or moved while we copied: what we wrote may be anything.
+            self._storage_changed(entry)
+            return
+        del src
         with self.cache.lock:
             if entry.state is State.WRITING:
                 if self.wanted(entry):
@@ -220,6 +231,20 @@ class Transfers:
                 self.cache.transition(entry, State.ON_DISK)
                 entry.storage = None  # the memory may now go back to its owner
                 self.stats.resident(-entry.nbytes)
+
+    def _storage_changed(self, entry: Entry) -> None:
+        """The storage was resized or moved after it was saved (FSDP frees gathered weights
+        with ``resize_(0)`` and refills them before backward): its bytes now are not the bytes
+        that were saved, so nothing is written and the entry keeps the storage, as autograd
+        does without hooks — backward then reads whatever the owner put back."""
+        with self.cache.lock:
+            if entry.state is State.WRITING:
+                self.cache.transition(entry, State.RESIDENT)
+            extent, entry.extent = entry.extent, None
+        if extent is not None:
+            self._free_extent(extent)
+        self.stats.add(writes_skipped=1, storages_changed=1)
+        log.debug("ssdoffload: %s was resized or moved before its write; kept in memory", entry.describe())
 
     def _write_failed(self, entry: Entry, exc: OSError, extent_allocated: bool) -> None:
         """Keep the tensor in memory: a failed write must never cost a correct gradient."""

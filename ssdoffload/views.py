@@ -8,8 +8,23 @@ saved tensor keeps a ``ViewSpec`` (offset, size, stride, dtype) and is rebuilt w
 Storage identity: a raw ``data_ptr`` is not an identity, because the caching allocator hands the
 same address to a new tensor as soon as the old one dies. Torch preserves the Python object of a
 live ``UntypedStorage`` (``t.untyped_storage() is t.untyped_storage()`` while the storage lives),
-so a weak reference to that object is a token that dies exactly with the storage: a key is a
-match only if its weak reference still points to the very storage object being saved.
+so a weak reference to that object is a token that dies exactly with the storage.
+
+Sharing a storage is not sharing bytes over time. Two tensors may share a storage without
+sharing autograd's version counter: ``unsafe_split``/``unsafe_chunk`` pieces, ``.data``,
+``set_`` and ``detach()``-then-``set_`` aliases. An in-place op on one of them does not bump the
+other's version, so "same storage, same version" does not mean "same bytes as when it was saved"
+(``nn.GRU``'s CPU kernel saves two ``unsafe_split`` gates, each after its own ``add_``/``sigmoid_``).
+Only *views* provably share the counter: a view's ``_base`` is the root tensor whose counter all
+its views use. So a saved tensor may reuse another's entry only if both have the same storage
+object, the same root tensor object and the same version (``StorageToken.matches``).
+
+In-place detection: autograd skips its own saved-tensor version check when saved-tensor hooks
+are set, so ours is the only guard. ``version_witness`` makes a tensor that shares the saved
+tensor's version counter but none of its memory (a ``detach()`` alias re-pointed at an empty
+storage, with the counter put back to its value), so the check works for an offloaded tensor
+whose memory is gone and for a temporary view (``y.t()`` inside ``mm``) that died right after
+it was saved.
 """
 from __future__ import annotations
 
@@ -50,22 +65,67 @@ def storage_key(tensor: torch.Tensor) -> Tuple[str, int]:
     return (str(tensor.device), storage.data_ptr())
 
 
-class StorageToken:
-    """A weak reference to a storage object that says whether a tensor still uses it."""
+def root_of(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor whose version counter ``tensor`` uses: its view base, or itself."""
+    base = tensor._base
+    return tensor if base is None else base
 
-    __slots__ = ("_ref", "version")
+
+class StorageToken:
+    """Weak references to a storage object and to the root tensor (the owner of the version
+    counter) of a saved tensor, with the version and the storage's address and size at pack
+    time."""
+
+    __slots__ = ("_ref", "_root", "version", "data_ptr", "nbytes")
 
     def __init__(self, tensor: torch.Tensor) -> None:
-        self._ref = weakref.ref(tensor.untyped_storage())
+        storage = tensor.untyped_storage()
+        self._ref = weakref.ref(storage)
+        self._root = weakref.ref(root_of(tensor))
         self.version = tensor._version
+        self.data_ptr = storage.data_ptr()
+        self.nbytes = storage.nbytes()
 
     def matches(self, tensor: torch.Tensor) -> bool:
-        """True when ``tensor`` is a view of the same live storage at the same version."""
-        return self._ref() is tensor.untyped_storage() and tensor._version == self.version
+        """True when ``tensor`` provably holds the bytes the token's tensor had when saved: a
+        view of the same live storage object, of the same root tensor (so the same version
+        counter), at the same version, and the storage has not been resized or moved since."""
+        storage = tensor.untyped_storage()
+        return (self._ref() is storage and self._root() is root_of(tensor)
+                and tensor._version == self.version and storage.data_ptr() == self.data_ptr
+                and storage.nbytes() == self.nbytes)
+
+    def unchanged(self, storage: torch.UntypedStorage) -> bool:
+        """Whether ``storage`` still has the address and size it had at pack time (a storage
+        that was resized — FSDP frees gathered weights with ``resize_(0)`` — or moved must not
+        be written: its bytes are not the saved ones, or not there at all)."""
+        return storage.data_ptr() == self.data_ptr and storage.nbytes() == self.nbytes
 
     @property
     def alive(self) -> bool:
         return self._ref() is not None
+
+
+_EMPTY: dict = {}
+
+
+def version_witness(tensor: torch.Tensor) -> torch.Tensor:
+    """A tensor that shares ``tensor``'s version counter and none of its memory.
+
+    ``detach()`` shares the counter (and the storage); ``set_`` then points the alias at an
+    empty storage. ``set_`` is an in-place op and bumps the shared counter, so the counter is
+    put back to the value it had: nobody else can observe the bump (the compute thread is
+    inside autograd's pack hook).
+    """
+    version = tensor._version
+    empty = _EMPTY.get(tensor.device)
+    if empty is None:
+        empty = _EMPTY[tensor.device] = torch.empty(0, dtype=torch.uint8, device=tensor.device).untyped_storage()
+    witness = tensor.detach()
+    with torch.no_grad():
+        witness.set_(empty, 0, (0,), (1,))
+    torch._C._autograd._unsafe_set_version_counter((witness,), (version,))
+    return witness
 
 
 def rebuild(storage: torch.UntypedStorage, spec: ViewSpec) -> torch.Tensor:
