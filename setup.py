@@ -29,7 +29,7 @@ setup(
         "deepspeed": ["deepspeed>=0.16"],
         "megatron": ["megatron-core>=0.12"],
         "bench": ["tqdm", "matplotlib"],
-        "test": ["pytest", "tqdm", "matplotlib", "deepspeed>=0.16", "megatron-core>=0.12"],
+        "test": ["pytest", "hypothesis", "tqdm", "matplotlib", "deepspeed>=0.16", "megatron-core>=0.12"],
     },
     entry_points={"console_scripts": ["ssdoffload=ssdoffload.__main__:main"]},
 )

@@ -124,8 +124,15 @@ def version_witness(tensor: torch.Tensor) -> torch.Tensor:
     witness = tensor.detach()
     with torch.no_grad():
         witness.set_(empty, 0, (0,), (1,))
-    torch._C._autograd._unsafe_set_version_counter((witness,), (version,))
+    _set_version(witness, version)
     return witness
+
+
+def _set_version(tensor: torch.Tensor, version: int) -> None:
+    try:
+        torch._C._autograd._unsafe_set_version_counter((tensor,), (version,))
+    except TypeError:  # torch < 2.6 takes one tensor and one version
+        torch._C._autograd._unsafe_set_version_counter(tensor, version)
 
 
 def rebuild(storage: torch.UntypedStorage, spec: ViewSpec) -> torch.Tensor:

@@ -17,11 +17,14 @@ def train(config: Optional[ssdoffload.OffloadConfig], steps: int = 3, cfg: GPTCo
           device: str = "cpu", seed: int = 0,
           before_step: Optional[Callable[[ssdoffload.Offloader, int], None]] = None,
           after_step: Optional[Callable[[ssdoffload.Offloader, int], None]] = None,
+          settle_writes: bool = False,
           ) -> Tuple[List[torch.Tensor], List[List[torch.Tensor]], Optional[ssdoffload.OffloadStats]]:
     """Train ``steps`` SGD steps; returns losses, the gradients of every step, and the stats.
 
     ``before_step(off, step)`` / ``after_step(off, step)`` run around each offloaded step (to
     change caps, record plans, or check the offloader's state while it is still open).
+    ``settle_writes`` waits for the forward's writes before backward: a test that counts bytes
+    written or read must not depend on whether the writer beat backward to a tensor.
     """
     torch.manual_seed(seed)
     model = GPT(cfg, recompute=recompute).to(device)
@@ -38,6 +41,8 @@ def train(config: Optional[ssdoffload.OffloadConfig], steps: int = 3, cfg: GPTCo
             with scope:
                 with amp:
                     loss = model(tokens, targets)
+                if off is not None and settle_writes:
+                    off.wait()
                 loss.backward()
             losses.append(loss.detach().clone())
             grads.append([p.grad.detach().clone() for p in model.parameters()])

@@ -282,6 +282,8 @@ def test_checkpoint_inputs_are_offloaded(spill_dir):
         for a, b in zip(ref_grads, other_grads):
             assert torch.equal(a, b)
     # DeepSpeed's function hides its inputs from autograd: only the loss's input is offloaded.
-    # Ours hands them to save_for_backward: the three block inputs are offloaded as well.
+    # Ours hands them to save_for_backward: the block inputs are offloaded as well, except the
+    # first, ``x``: a leaf that requires grad is the caller's (never offloaded: writing it frees
+    # nothing).
     assert ds_stats.tensors_offloaded <= 1
-    assert stats.tensors_offloaded >= ds_stats.tensors_offloaded + 3, (ds_stats, stats)
+    assert stats.tensors_offloaded >= ds_stats.tensors_offloaded + 2, (ds_stats, stats)
