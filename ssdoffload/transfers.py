@@ -234,9 +234,9 @@ class Transfers:
 
     def _storage_changed(self, entry: Entry) -> None:
         """The storage was resized or moved after it was saved (FSDP frees gathered weights
-        with ``resize_(0)`` and refills them before backward): its bytes now are not the bytes
-        that were saved, so nothing is written and the entry keeps the storage, as autograd
-        does without hooks — backward then reads whatever the owner put back."""
+        with ``resize_(0)`` and refills them before backward): what the drive got cannot be
+        trusted, so the extent is dropped and the entry keeps the storage, as autograd does
+        without hooks — backward then reads whatever the owner put back."""
         with self.cache.lock:
             if entry.state is State.WRITING:
                 self.cache.transition(entry, State.RESIDENT)

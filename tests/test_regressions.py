@@ -626,3 +626,39 @@ def test_gradient_accumulation_frees_every_micro_batch(spill_dir):
         assert alive <= 0.1 * total, f"micro-batch {i}: {alive} of {total} offloaded bytes still in memory"
         assert resident <= 0.1 * total, f"micro-batch {i}: resident_bytes {resident} of {total}"
     _assert_same(ref, got)
+
+
+# -- found by the fuzzer -----------------------------------------------------------------------
+
+def test_verify_checksums_the_bytes_written_while_another_piece_changes(spill_dir):
+    """Fuzzer find (``verify=True``): piece ``a`` of an ``unsafe_chunk`` is saved and written
+    while the compute thread changes piece ``b`` of the same storage in place (legal: ``a``'s
+    bytes never change). The checksum was taken of the storage before the write and the write
+    copied it later, so backward raised a false ``SpillReadError``. The checksum now describes
+    exactly the bytes the drive got."""
+
+    def program(off):
+        torch.manual_seed(0)
+        w = nn.Parameter(torch.randn(64, 32768))  # h: 32 MiB, so the write takes a while
+        h = torch.ones(128, 64) @ w
+        a, b = h.unsafe_chunk(2, dim=0)
+        a = a.sigmoid_()                      # saved: the storage is queued for writing
+        flips = 0
+        if off is not None:
+            entries = off.cache.all_entries()
+            assert entries, "a was not offloaded"
+            while not all(e.write_future is None or e.write_future.done() for e in entries):
+                b.neg_()                      # b's bytes change while a's storage is written
+                flips += 1
+            if flips % 2:
+                b.neg_()
+        loss = a.sum() + (b * 2).sum()
+        loss.backward()
+        return w.grad
+
+    reference = program(None)
+    with ssdoffload.Offloader(None, _cfg(spill_dir, verify=True)) as off:
+        with off.step():
+            got = program(off)
+        assert off.stats().bytes_written > 0
+    assert torch.equal(reference, got)

@@ -38,7 +38,7 @@ class BackendSet(dict):
                              "moves device memory directly, so there is no host copy to checksum)")
         self.config = config
         self.native = NativeEngine(config.io_threads, config.chunk_bytes)
-        self["cpu"] = NativeHostBackend(self.native)
+        self["cpu"] = NativeHostBackend(self.native, config.chunk_bytes)
         self._lock = threading.Lock()
 
     def get(self, device_type, default=None):
