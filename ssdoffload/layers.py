@@ -74,7 +74,12 @@ class LayerTracker:
         if token is None:
             return
         for t in tree_flatten(output)[0]:
-            if isinstance(t, torch.Tensor) and t.requires_grad:
+            # Never a view: touching the gradient of a view whose base was changed in place
+            # regenerates its grad_fn, which raises for split pieces ("Output 0 of Split is a
+            # view and its base ... has been modified inplace") and crashes the process for
+            # others (torch 2.13, register_hook) — where autograd itself would not complain.
+            # A layer that returns only views gets no trigger; its unpacks still prefetch.
+            if isinstance(t, torch.Tensor) and t._base is None and t.requires_grad:
                 t.register_hook(functools.partial(_grad_trigger, self._on_backward, token))
                 break  # one trigger per layer is enough
 

@@ -662,3 +662,93 @@ def test_verify_checksums_the_bytes_written_while_another_piece_changes(spill_di
             got = program(off)
         assert off.stats().bytes_written > 0
     assert torch.equal(reference, got)
+
+
+class _Returns(nn.Module):
+    """A layer whose forward is ``fn(x)``; in a ModuleList, so the layer tracker hooks it."""
+
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x):
+        return self.fn(x)
+
+
+class _OneLayer(nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.layers = nn.ModuleList([_Returns(fn)])
+
+    def forward(self, x):
+        return self.layers[0](x)
+
+
+def _split_piece_of_changed_base(t0):
+    t1, _, _, _ = t0.split(2, dim=0)
+    with torch.no_grad():
+        t0.sigmoid_()
+    return t1
+
+
+def test_layer_returning_a_split_piece_of_a_changed_base(spill_dir):
+    """Fuzzer find: a layer returned a ``split`` piece whose base it then changed in place
+    under no_grad. Plain autograd is fine (the piece is never used); the layer tracker's
+    gradient hook touched the piece's grad_fn and raised "Output 0 of SplitBackward0 is a view
+    and its base ... has been modified inplace"."""
+
+    def program(off, model):
+        torch.manual_seed(0)
+        t0 = torch.randn(8, requires_grad=True) * 1
+        scope = off.step() if off is not None else contextlib.nullcontext()
+        with scope:
+            model(t0)
+            loss = (t0 * t0).sum()
+            loss.backward()
+        return loss.detach()
+
+    reference = program(None, _OneLayer(_split_piece_of_changed_base))
+    model = _OneLayer(_split_piece_of_changed_base)
+    with ssdoffload.Offloader(model, _cfg(spill_dir)) as off:
+        assert off.layers == [model.layers[0]]
+        got = program(off, model)
+    assert torch.equal(reference, got)
+
+
+_VIEW_OF_CHANGED_BASE = r"""
+import sys, torch, ssdoffload
+from torch import nn
+sys.path.insert(0, {tests!r})
+from test_regressions import _OneLayer
+
+def view_of_changed_base(x):
+    h = x * 1
+    v = h[1:3]
+    with torch.no_grad():
+        h.add_(1)
+    return v
+
+x = torch.randn(8, requires_grad=True)
+model = _OneLayer(view_of_changed_base)
+cfg = ssdoffload.OffloadConfig(path={path!r}, min_offload_bytes=0, policy="all", initial_file_bytes=1 << 20)
+with ssdoffload.Offloader(model, cfg) as off:
+    with off.step():
+        model(x)
+        (x * 2).sum().backward()
+print("survived", x.grad.sum().item())
+"""
+
+
+def test_layer_returning_a_view_of_a_changed_base_does_not_crash(spill_dir):
+    """Fuzzer find: ``register_hook`` on a view whose base was changed in place under no_grad
+    kills the process (SIGSEGV, torch 2.13); the layer tracker called it on every layer
+    output. It now hooks only outputs that are not views. Run in a child process: a crash
+    must fail this test, not end the test run."""
+    import subprocess
+    import sys
+
+    os.makedirs(spill_dir, exist_ok=True)
+    script = _VIEW_OF_CHANGED_BASE.format(tests=os.path.dirname(__file__),
+                                          path=os.path.join(spill_dir, "drive0"))
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "survived 16.0" in proc.stdout, (proc.returncode, proc.stdout, proc.stderr)
