@@ -1194,28 +1194,20 @@ def _run_ops(ops: Sequence[Op], env: Dict[int, Optional[torch.Tensor]], off,
             raise AssertionError(f"{op.kind} made {len(outs)} outputs, the program says {op.nout}")
         for o in outs:
             env[len(env)] = o
-        made += [(weakref.ref(o), o._version) for o in outs[:1]]  # weak: `del` must free
+        made += [weakref.ref(o) for o in outs[:1]]  # weak: `del` must free
         if sync and off is not None:
             off.wait()
     return _layer_output(made)
 
 
 def _layer_output(made) -> Optional[torch.Tensor]:
-    """What a layer returns: the first output of its last op that still lives, skipping views
-    modified in place since they were made (unless torch refuses to use them at all). torch
-    2.13 segfaults in ``register_hook`` (which ssdoffload's layer tracker calls on a layer's
-    output) on a view whose base was modified in place under no_grad; a plain run never
-    registers the hook, so such a program would kill the fuzzer instead of failing it. That
-    crash is reported separately, with a plain-torch reproducer. A multi-output view whose
-    base was modified (torch raises on any use of it) is still returned: the tracker must
-    cope with it."""
-    for ref, version in reversed(made):
+    """What a layer returns: the first output of its last op that still lives — views whose
+    base was modified in place included (the layer tracker must cope: ``register_hook`` on
+    such a view crashes torch 2.13, and on a multi-output view it raises)."""
+    for ref in reversed(made):
         t = ref()
-        if t is None:
-            continue
-        if t._base is not None and t._version != version and _usable(t):
-            continue
-        return t
+        if t is not None:
+            return t
     return None
 
 
