@@ -14,7 +14,8 @@ buffer. Every transition is checked against ``_ALLOWED``; a wrong one is a bug a
 ``StateError``. The cache lock guards state, refcounts and the dedup index.
 
 A ``Handle`` is what the pack hook returns: (entry, view spec). Autograd drops it when the graph
-is freed; the last drop frees the entry's extent and memory. Every handle of an entry was packed
+is freed; the release of the last one (at the next drain of ``releases``, never inside the
+garbage collector: see ``releases.py``) frees the entry's extent and memory. Every handle of an entry was packed
 from a view of one root tensor at one version (``StorageToken.matches``), so the entry's version
 witness (``views.version_witness``) answers "was it modified in place since?" for all of them.
 """
@@ -29,6 +30,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 
 from .errors import StateError
+from .releases import ReleaseQueue
 from .views import StorageToken, ViewSpec
 
 
@@ -91,12 +93,12 @@ class Entry:
 
 
 class Handle:
-    """What autograd keeps for an offloaded tensor."""
+    """What autograd keeps for an offloaded tensor. It has no finaliser: the cache watches it
+    (``releases.ReleaseQueue``) and releases its entry at the next safe point after it died."""
 
-    __slots__ = ("entry", "spec", "_cache", "__weakref__")
+    __slots__ = ("entry", "spec", "__weakref__")
 
-    def __init__(self, cache: "OffloadCache", entry: Entry, tensor: torch.Tensor) -> None:
-        self._cache = cache
+    def __init__(self, entry: Entry, tensor: torch.Tensor) -> None:
         self.entry = entry
         self.spec = ViewSpec.of(tensor)
 
@@ -107,18 +109,14 @@ class Handle:
         entry = self.entry
         return entry.witness is not None and entry.witness._version != entry.token.version
 
-    def __del__(self) -> None:
-        cache = self._cache
-        if cache is not None:
-            self._cache = None
-            cache.release(self.entry)
-
 
 class OffloadCache:
     """Entries by scope, the storage-dedup index and reference counting."""
 
     def __init__(self, on_free) -> None:
         self.lock = threading.RLock()
+        #: Dead handles waiting for their release (drained by the hooks and the offloader).
+        self.releases = ReleaseQueue()
         self._on_free = on_free   # called (outside the lock) with an entry that became FREED
         self._index: Dict[Tuple[str, int], Entry] = {}
         self.scopes: Dict[Any, Dict[int, List[Entry]]] = {}
@@ -149,9 +147,11 @@ class OffloadCache:
             self.scopes.setdefault(entry.scope, {}).setdefault(entry.group, []).append(entry)
 
     def new_handle(self, entry: Entry, tensor: torch.Tensor) -> Handle:
+        handle = Handle(entry, tensor)
         with self.lock:
             entry.refs += 1
-        return Handle(self, entry, tensor)
+        self.releases.watch(handle, self.release, entry)
+        return handle
 
     # -- lifetime ------------------------------------------------------------------------
     def release(self, entry: Entry) -> None:

@@ -69,23 +69,15 @@ def keep(tensor: torch.Tensor) -> Any:
 class Kept(Saved):
     """A saved tensor the plan keeps on the device. Unpacking it reports backward progress to
     the profiler; its bytes count as resident (``OffloadStats.resident_bytes``) from the pack
-    until autograd drops the last ``Kept`` of that storage (``__del__``, on whichever thread
-    frees the graph), so ``peak_resident_bytes`` is the true peak of offloadable activation
-    memory under any plan."""
+    until autograd drops the last ``Kept`` of that storage (released at the next drain of the
+    cache's ``ReleaseQueue``: no finaliser), so ``peak_resident_bytes`` is the true peak of
+    offloadable activation memory under any plan."""
 
-    __slots__ = ("scope", "_live", "_key")
+    __slots__ = ("scope", "__weakref__")
 
-    def __init__(self, tensor: torch.Tensor, scope: Any, live: "_KeptBytes", key: Any) -> None:
+    def __init__(self, tensor: torch.Tensor, scope: Any) -> None:
         super().__init__(tensor, tensor._version)
         self.scope = scope
-        self._live = live
-        self._key = key
-        live.add(key, tensor.untyped_storage().nbytes())
-
-    def __del__(self) -> None:
-        live, self._live = self._live, None
-        if live is not None:
-            live.drop(self._key)
 
 
 class _KeptBytes:
@@ -150,6 +142,7 @@ class SavedTensorHooks:
         return torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
 
     def pack(self, tensor: torch.Tensor) -> Any:
+        self.cache.releases.drain()
         scope = self.scope
         decision = decide(tensor, self.param_keys, self.config.min_offload_bytes, in_backward())
         if decision is Decision.OFFLOAD and (scope is None or self.transfers.closed):
@@ -171,7 +164,10 @@ class SavedTensorHooks:
         place = self.placement(scope)
         if place == "device":
             self.stats.add(tensors_kept=1, bytes_kept=nbytes, plan_kept_bytes=nbytes)
-            return Kept(tensor, scope.key, self._kept, key)
+            kept = Kept(tensor, scope.key)
+            self._kept.add(key, nbytes)
+            self.cache.releases.watch(kept, self._kept.drop, key)
+            return kept
         storage = tensor.untyped_storage()
         entry = Entry(scope=scope.key, group=scope.group, layer=scope.layer, nbytes=storage.nbytes(),
                       device=tensor.device, label=ViewSpec.of(tensor).describe(), storage=storage,
@@ -184,6 +180,7 @@ class SavedTensorHooks:
         return handle
 
     def unpack(self, packed: Any) -> torch.Tensor:
+        self.cache.releases.drain()
         if not isinstance(packed, Handle):
             if isinstance(packed, Saved):
                 if isinstance(packed, Kept) and self.profiler is not None:

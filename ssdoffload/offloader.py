@@ -185,6 +185,7 @@ class Offloader:
                 self._store = SpillStore(self.paths, self.config.initial_file_bytes)
             scope = ScopeState(key, thread=threading.get_ident())
             self._active_scope = scope
+        self._release_dead()
         self.prefetcher.forget(key)
         if self.profiler is not None:
             self.profiler.open(key, self._on_cuda())
@@ -208,6 +209,7 @@ class Offloader:
         if not self.enabled:
             return 0
         self._check_open()
+        self._release_dead()
         return self.prefetcher.prefetch_scope(key)
 
     def timeline(self, enabled: Optional[bool] = None) -> list:
@@ -227,6 +229,7 @@ class Offloader:
         """Close the current step's statistics (``step()`` does this itself) and, with
         ``policy="adaptive"``, feed the step's measurements to the plan (which may change for
         the next step: see ``plan()``)."""
+        self._release_dead()
         if self.adaptive is not None and not self._closed:
             self._replan()
         return self._stats.end_step()
@@ -259,18 +262,22 @@ class Offloader:
     def wait(self) -> None:
         """Block until every write started so far has finished."""
         if self.enabled and not self._closed:
+            self._release_dead()
             self.transfers.wait_writes()
 
     def stats(self) -> OffloadStats:
         """Cumulative statistics over all steps."""
+        self._release_dead()
         return self._stats.snapshot("total")
 
     def last_step_stats(self) -> OffloadStats:
         """Statistics of the last finished step."""
+        self._release_dead()
         return self._stats.snapshot("last_step")
 
     def current_step_stats(self) -> OffloadStats:
         """Statistics of the step in progress."""
+        self._release_dead()
         return self._stats.snapshot("step")
 
     @property
@@ -294,6 +301,7 @@ class Offloader:
             self.tracker.remove()
         try:
             if self.engine is not None:
+                self._release_dead()
                 self.transfers.wait_writes()
                 self._discard_unread("the Offloader was closed before backward used it")
                 self.engine.close()
@@ -341,12 +349,19 @@ class Offloader:
         raises ``OffloadError``."""
         if not self.enabled or self._closed:
             return
+        self._release_dead()
         self.transfers.wait_writes()
         self._discard_unread("it was discarded when a step failed")
         self._close_store()
         if self.profiler is not None:
             self.profiler.discard()  # a failed step's timings say nothing about the plan
         log.info("ssdoffload: step aborted by an exception; spill files removed")
+
+    def _release_dead(self) -> None:
+        """Release the entries of handles autograd dropped since the last drain (see
+        ``releases.py``: nothing is released from inside the garbage collector)."""
+        if self.engine is not None:
+            self.cache.releases.drain()
 
     def _discard_unread(self, why: str) -> None:
         """Entries whose data lives only in the spill files (or is being read) become FAILED:

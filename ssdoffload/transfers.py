@@ -50,6 +50,17 @@ from .tiers import HostSlot, HostTier, HostTierBackend, RateLimiter
 log = logging.getLogger("ssdoffload")
 
 
+def _without_tracebacks(exc: BaseException) -> BaseException:
+    """``exc`` and the exceptions chained to it, with their tracebacks (and frames) dropped."""
+    seen = set()
+    e: Optional[BaseException] = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        e.__traceback__ = None
+        e = e.__cause__ or e.__context__
+    return exc
+
+
 class BusyClock:
     """Wall time during which at least one transfer of a kind was in flight.
 
@@ -331,7 +342,9 @@ class Transfers:
     def _read_failed(self, entry: Entry, exc: BaseException) -> None:
         where = entry.extent.describe() if entry.extent is not None else "no extent"
         error = SpillReadError(f"ssdoffload: reading {entry.describe()} back from {where} failed: {exc}")
-        error.__cause__ = exc
+        # The entry keeps the error until autograd drops it: without its traceback, whose
+        # frames hold the reload buffer and the entry itself (a cycle only the collector frees).
+        error.__cause__ = _without_tracebacks(exc)
         with self.cache.lock:
             entry.error = error
             if entry.state is State.LOADING:

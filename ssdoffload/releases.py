@@ -1,0 +1,51 @@
+"""Releases that run none of our code inside the garbage collector or a finaliser.
+
+Autograd drops the objects ``pack`` returned (``Handle``, ``Kept``) whenever it frees a graph:
+on any thread, at any bytecode, and from inside the cyclic garbage collector, which may run
+while the interrupted code holds one of our non-reentrant locks. A ``__del__`` that released
+the entry there would take that lock again and hang the step forever, and a ``KeyboardInterrupt``
+that arrives while a ``__del__`` runs is printed as "Exception ignored" and lost.
+
+So nothing of ours runs at that moment: each watched object has a weak reference whose callback
+is ``deque.append`` — a C function, no Python frame, no lock of ours, no signal check — and the
+library drains the queue at its own safe points (every pack and unpack, the end of a step,
+``wait()``, ``close()``...), where the release takes its locks like any other code.
+"""
+from __future__ import annotations
+
+import collections
+import weakref
+from typing import Any, Callable, Dict, Tuple
+
+
+class ReleaseQueue:
+    """Objects to release when they die; ``drain()`` runs the releases."""
+
+    def __init__(self) -> None:
+        self._dead: collections.deque = collections.deque()
+        # weakref -> (release function, its argument); the weakrefs must outlive their
+        # referents, or their callbacks would not run.
+        self._watched: Dict[weakref.ref, Tuple[Callable[[Any], None], Any]] = {}
+
+    def watch(self, obj: Any, release: Callable[[Any], None], arg: Any) -> None:
+        """Call ``release(arg)`` at the first ``drain()`` after ``obj`` died."""
+        self._watched[weakref.ref(obj, self._dead.append)] = (release, arg)
+
+    def drain(self) -> int:
+        """Run the releases of every watched object that died so far (any thread); returns
+        how many ran."""
+        ran = 0
+        dead = self._dead
+        while dead:
+            try:
+                ref = dead.popleft()
+            except IndexError:  # another thread took the last one
+                break
+            release, arg = self._watched.pop(ref)
+            release(arg)
+            ran += 1
+        return ran
+
+    def __len__(self) -> int:
+        """Objects watched and not yet released (dead ones waiting for a drain included)."""
+        return len(self._watched)
