@@ -48,7 +48,7 @@ _ALLOWED = {
     State.RESIDENT: {State.WRITING, State.FREED},
     State.WRITING: {State.ON_DISK, State.LOADED, State.RESIDENT, State.FREED},
     State.ON_DISK: {State.LOADING, State.FREED},
-    State.LOADING: {State.LOADED, State.FAILED, State.FREED},
+    State.LOADING: {State.LOADED, State.FAILED, State.FREED, State.ON_DISK},  # ON_DISK: interrupted before it began
     State.LOADED: {State.FREED},
     State.FAILED: {State.FREED},
     State.FREED: set(),

@@ -14,12 +14,10 @@ step).
 from __future__ import annotations
 
 import atexit
-import concurrent.futures
 import contextlib
 import dataclasses
 import itertools
 import os
-import sys
 import logging
 import threading
 import weakref
@@ -40,7 +38,7 @@ from .profiling import StepProfiler
 from .stats import OffloadStats, StatsCollector
 from .store import SpillStore
 from .tiers import HostTier, RateLimiter
-from .transfers import Transfers
+from .transfers import Transfers, wait_for
 
 #: Fewer bytes than this moved in a step say little about a drive's bandwidth.
 _MIN_MEASURED_BYTES = 64 << 10
@@ -146,20 +144,21 @@ class Offloader:
 
         On an exception inside, the step's spill data is discarded and the spill files removed.
         """
-        key = ("step", next(self._step_keys))
-        scope = self.micro_batch(key)
-        # Entering may be refused (a step already open, here or on another thread): that
-        # raises before the try below, so a refusal never aborts the live step.
-        scope.__enter__()
-        try:
+        if not self.enabled:
             yield self
+            self.end_step()
+            return
+        # Opening may be refused (a step already open, here or on another thread): that raises
+        # before the try below, so a refusal never aborts the live step.
+        scope = self._open_scope(("step", next(self._step_keys)))
+        try:
+            with self.hooks.context():
+                yield self
         except BaseException:
-            try:
-                scope.__exit__(*sys.exc_info())
-            finally:
-                self.abort()
+            self._close_scope(scope)
+            self.abort()
             raise
-        scope.__exit__(None, None, None)
+        self._close_scope(scope)
         self.end_step()
 
     @contextlib.contextmanager
@@ -172,6 +171,16 @@ class Offloader:
         if not self.enabled:
             yield self
             return
+        scope = self._open_scope(key)
+        try:
+            with self.hooks.context():
+                yield self
+        finally:
+            self._close_scope(scope)
+
+    def _open_scope(self, key: Any) -> ScopeState:
+        """Make ``key`` the active scope, or raise ``OffloadError`` if one is open. A
+        KeyboardInterrupt that lands half-way closes it again: no scope is left open."""
         self._check_open()
         with self._lock:
             active = self._active_scope
@@ -185,21 +194,26 @@ class Offloader:
                 self._store = SpillStore(self.paths, self.config.initial_file_bytes)
             scope = ScopeState(key, thread=threading.get_ident())
             self._active_scope = scope
-        self._release_dead()
-        self.prefetcher.forget(key)
-        if self.profiler is not None:
-            self.profiler.open(key, self._on_cuda())
-        self.hooks.scope = scope
-        self.hooks.param_keys = parameter_storages([self.model] if self.model is not None else [])
-        self.tracker.active = True
         try:
-            with self.hooks.context():
-                yield self
-        finally:
-            self.tracker.active = False
-            self.hooks.scope = None
-            with self._lock:
-                self._active_scope = None
+            self._release_dead()
+            self.prefetcher.forget(key)
+            if self.profiler is not None:
+                self.profiler.open(key, self._on_cuda())
+            self.hooks.param_keys = parameter_storages([self.model] if self.model is not None else [])
+            self.hooks.scope = scope
+            self.tracker.active = True
+        except BaseException:
+            self._close_scope(scope)
+            raise
+        return scope
+
+    def _close_scope(self, scope: ScopeState) -> None:
+        # Plain stores first, with no call in between: an interrupt can surface only at a call,
+        # so once this starts the scope is closed.
+        self.tracker.active = False
+        self.hooks.scope = None
+        if self._active_scope is scope:
+            self._active_scope = None
 
     def prefetch(self, key: Any) -> int:
         """Micro-batch ``key``'s backward comes next: start reading its last layers now.
@@ -369,7 +383,7 @@ class Offloader:
         about to go away. Entries that hold their memory keep serving backward."""
         for entry in self.cache.all_entries():
             if entry.read_future is not None:
-                concurrent.futures.wait([entry.read_future])
+                wait_for(entry.read_future)
             with self.cache.lock:
                 if entry.state in (State.ON_DISK, State.LOADING):
                     entry.error = OffloadError(f"ssdoffload: {entry.describe()} cannot be used: {why}")

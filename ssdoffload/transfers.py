@@ -50,6 +50,20 @@ from .tiers import HostSlot, HostTier, HostTierBackend, RateLimiter
 log = logging.getLogger("ssdoffload")
 
 
+def wait_for(fut: concurrent.futures.Future) -> None:
+    """Block until ``fut`` is done (whatever its outcome).
+
+    Not ``concurrent.futures.wait``: it takes the futures' locks in a Python loop, and a
+    KeyboardInterrupt landing in that loop leaves a lock held for good, so the I/O thread that
+    completes the future blocks forever (seen with real SIGINTs). ``Future.exception()`` holds
+    one lock in a ``with`` block.
+    """
+    try:
+        fut.exception()
+    except concurrent.futures.CancelledError:
+        pass
+
+
 def _without_tracebacks(exc: BaseException) -> BaseException:
     """``exc`` and the exceptions chained to it, with their tracebacks (and frames) dropped."""
     seen = set()
@@ -278,10 +292,14 @@ class Transfers:
         """Block until every queued write finished (successfully, failed or skipped)."""
         while True:
             with self._pending_lock:
+                # Done futures leave here too, not only in their callback: an interrupt between
+                # the submission and ``add_done_callback`` would otherwise leave one behind.
+                self._pending_writes = {f for f in self._pending_writes if not f.done()}
                 pending = list(self._pending_writes)
             if not pending:
                 return
-            concurrent.futures.wait(pending)
+            for fut in pending:
+                wait_for(fut)
 
     # -- reads ---------------------------------------------------------------------------
     def start_load(self, entry: Entry, prefetch: bool) -> bool:
@@ -298,13 +316,28 @@ class Transfers:
                 entry.compute_stream = torch.cuda.current_stream(entry.device)
                 allocated = torch.cuda.Event()
                 allocated.record(entry.compute_stream)
-        except BaseException as exc:  # out of memory while allocating the buffer
+        except Exception as exc:  # out of memory while allocating the buffer
             self._read_failed(entry, exc)
             return True
-        self.stats.resident(entry.nbytes)
+        except BaseException:  # KeyboardInterrupt: the user's, not a read failure
+            self._load_not_started(entry)
+            raise
         submit = self.engine.submit_host if isinstance(entry.extent, HostSlot) else self.engine.submit_read
-        entry.read_future = submit(self._read_job, entry, dst, allocated)
+        try:
+            fut = submit(self._read_job, entry, dst, allocated)
+        except BaseException:
+            self._load_not_started(entry)
+            raise
+        entry.read_future = fut
+        self.stats.resident(entry.nbytes)
         return True
+
+    def _load_not_started(self, entry: Entry) -> None:
+        """An interrupt came between LOADING and the submission: back to ON_DISK, so the next
+        unpack starts the load again instead of waiting for one that never began."""
+        with self.cache.lock:
+            if entry.state is State.LOADING and entry.read_future is None:
+                self.cache.transition(entry, State.ON_DISK)
 
     def _read_job(self, entry: Entry, dst: torch.Tensor, allocated) -> None:
         host = isinstance(entry.extent, HostSlot)

@@ -716,9 +716,11 @@ def test_layer_returning_a_split_piece_of_a_changed_base(spill_dir):
 
 
 _VIEW_OF_CHANGED_BASE = r"""
-import sys, torch, ssdoffload
-from torch import nn
+import os, sys
 sys.path.insert(0, {tests!r})
+sys.path.insert(0, os.path.dirname({tests!r}))  # this checkout's package, whatever is installed
+import torch, ssdoffload
+from torch import nn
 from test_regressions import _OneLayer
 
 def view_of_changed_base(x):
@@ -748,7 +750,7 @@ def test_layer_returning_a_view_of_a_changed_base_does_not_crash(spill_dir):
     import sys
 
     os.makedirs(spill_dir, exist_ok=True)
-    script = _VIEW_OF_CHANGED_BASE.format(tests=os.path.dirname(__file__),
+    script = _VIEW_OF_CHANGED_BASE.format(tests=os.path.dirname(os.path.abspath(__file__)),
                                           path=os.path.join(spill_dir, "drive0"))
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "survived 16.0" in proc.stdout, (proc.returncode, proc.stdout, proc.stderr)
