@@ -117,6 +117,14 @@ class OffloadConfig:
                     f"OffloadConfig.{name}={value!r} must be a positive number of bytes per "
                     "second (e.g. 500e6), or None for no cap"
                 )
+            if value < MIN_BANDWIDTH_CAP:
+                # 1 or 500 is almost surely MB/s written as a number: at that many bytes per
+                # second the first backward would wait for hours.
+                raise ValueError(
+                    f"OffloadConfig.{name}={value!r} bytes per second is below the floor of "
+                    f"{MIN_BANDWIDTH_CAP:.0f}; caps are in bytes per second (did you mean "
+                    f"{value:g}e6, i.e. {value:g} MB/s?)"
+                )
         tol = self.stall_tolerance
         if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 <= tol <= 0.5:
             raise ValueError(
@@ -169,17 +177,34 @@ class OffloadConfig:
         return [os.path.abspath(os.path.expanduser(p.replace("{rank}", str(rank)))) for p in self.paths]
 
 
+#: The smallest bandwidth cap accepted, in bytes per second (100 KB/s).
+MIN_BANDWIDTH_CAP = 100e3
+
+
 def current_rank() -> int:
     """The global rank: from torch.distributed when it is up, else $RANK, else 0."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank()
-    return int(os.environ.get("RANK", "0"))
+    value = os.environ.get("RANK", "0")
+    try:
+        rank = int(value)
+    except ValueError:
+        rank = -1
+    if rank < 0:
+        raise ValueError(f"the environment variable RANK={value!r} is not a rank (a non-negative "
+                         "integer); unset it or set it as torchrun does")
+    return rank
 
 
 def _validate_paths(path: Union[str, Sequence[str]]) -> list:
-    paths = [path] if isinstance(path, (str, os.PathLike)) else list(path) if path is not None else []
+    if isinstance(path, (str, os.PathLike)):
+        paths = [path]
+    elif isinstance(path, (list, tuple)):
+        paths = list(path)
+    else:  # None, a number, a dict, ...: not a directory nor a list of them
+        paths = []
     if not paths or any(not isinstance(p, (str, os.PathLike)) or not str(p) for p in paths):
         raise ValueError(
             f"OffloadConfig.path={path!r} must be a directory or a non-empty list of "

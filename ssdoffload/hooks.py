@@ -16,6 +16,7 @@ rebuilt as its exact view over the storage, read back (or still in memory).
 """
 from __future__ import annotations
 
+import os
 import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Set, Tuple
@@ -24,6 +25,7 @@ import torch
 
 from .cache import Entry, Handle, OffloadCache
 from .config import OffloadConfig
+from .errors import OffloadError
 from .policy import Decision, decide, saved_nbytes
 from .prefetch import Prefetcher
 from .stats import StatsCollector
@@ -136,6 +138,7 @@ class SavedTensorHooks:
         self.profiler = profiler
         self._kept = _KeptBytes(stats)
         self.scope: Optional[ScopeState] = None
+        self._pid = os.getpid()  # handles are only good in the process whose threads and files they use
         self.param_keys: Set[Tuple[str, int]] = set()
 
     def context(self) -> torch.autograd.graph.saved_tensors_hooks:
@@ -188,6 +191,13 @@ class SavedTensorHooks:
                 return packed.get()
             return packed
         entry = packed.entry
+        if os.getpid() != self._pid:
+            # A forked child (a DataLoader worker, a multiprocessing helper) inherited the graph
+            # but none of the I/O threads: waiting for a read would wait forever.
+            raise OffloadError(
+                f"ssdoffload: {entry.describe()} belongs to process {self._pid}; backward of a graph "
+                f"built there cannot run in forked process {os.getpid()} (run backward in the "
+                "parent, or build the graph in the child with its own Offloader)")
         if self.profiler is not None:
             self.profiler.backward(entry.scope)
         if packed.modified_in_place():

@@ -210,6 +210,41 @@ def test_fork_children_do_not_touch_the_parent(tmp_path):
     assert _spill_files(d) == []
 
 
+def test_forked_child_running_backward_of_the_parents_graph_raises(tmp_path):
+    """A forked child that runs backward on a graph it inherited hung forever waiting for a
+    read the parent's I/O threads would do; now the unpack says why it cannot."""
+    import time
+
+    torch.manual_seed(0)
+    model, x = Net(), torch.randn(64, 256)
+    with ssdoffload.Offloader(model, _config(str(tmp_path / "act"))) as off:
+        with off.step():
+            loss = model(x).square().mean()
+            off.wait()  # everything offloaded is on disk: backward must read it back
+            pid = os.fork()
+            if pid == 0:
+                code = 3
+                try:
+                    loss.backward()
+                except ssdoffload.OffloadError as exc:
+                    code = 0 if "forked process" in str(exc) else 4
+                except BaseException:
+                    code = 5
+                os._exit(code)
+            deadline = time.monotonic() + 60
+            while True:
+                done, status = os.waitpid(pid, os.WNOHANG)
+                if done:
+                    break
+                if time.monotonic() > deadline:
+                    os.kill(pid, 9)
+                    os.waitpid(pid, 0)
+                    pytest.fail("the forked child hung in backward")
+                time.sleep(0.05)
+            assert os.WEXITSTATUS(status) == 0, os.WEXITSTATUS(status)
+            loss.backward()  # the parent's backward is unaffected
+
+
 @pytest.mark.parametrize("where", ["forward", "backward"])
 def test_keyboard_interrupt_leaves_nothing(tmp_path, where):
     torch.manual_seed(0)

@@ -121,11 +121,26 @@ def test_crashed_process_files_reclaimed_by_next_start(tmp_path):
     ("path", "", "path=''"),
     ("path", ["/a", "/a"], "twice"),
     ("verify", "yes", "verify='yes'"),
+    ("path", 123, "path=123"),                      # was a raw TypeError without the field
+    ("path", {"a": 1}, "path="),
+    ("max_read_bandwidth", 1, "did you mean 1e6"),  # MB/s written as a number: backward hung
+    ("max_write_bandwidth", 500, "did you mean 500e6"),
 ])
 def test_invalid_config_values(field, value, words):
     kwargs = {"path": "/tmp/x", field: value}
     with pytest.raises(ValueError, match=words.replace("[", r"\[").replace("(", r"\(")):
         ssdoffload.OffloadConfig(**kwargs)
+
+
+def test_bad_rank_variable_is_named(monkeypatch):
+    monkeypatch.setenv("RANK", "abc")
+    with pytest.raises(ValueError, match="RANK='abc'"):
+        ssdoffload.OffloadConfig(path="/tmp/{rank}/x").resolved_paths()
+    monkeypatch.setenv("RANK", "-2")
+    with pytest.raises(ValueError, match="RANK='-2'"):
+        ssdoffload.OffloadConfig(path="/tmp/{rank}/x").resolved_paths()
+    monkeypatch.setenv("RANK", "5")
+    assert ssdoffload.OffloadConfig(path="/tmp/{rank}/x").resolved_paths() == ["/tmp/5/x"]
 
 
 def test_from_dict_rejects_unknown_keys():
