@@ -66,3 +66,24 @@ def assert_bit_identical(a, b) -> None:
     for step, (ga, gb) in enumerate(zip(grads_a, grads_b)):
         for i, (x, y) in enumerate(zip(ga, gb)):
             assert torch.equal(x, y), f"gradient {i} {tuple(x.shape)} differs at step {step}"
+
+
+def wait_child(pid: int, timeout: float, what: str) -> int:
+    """``os.waitpid`` for a forked child, killing it and failing the test if it runs past
+    ``timeout`` seconds (a hang must fail the test, not stop the run). Returns its status."""
+    import os
+    import signal
+    import time
+
+    import pytest
+
+    deadline = time.monotonic() + timeout
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return status
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            pytest.fail(f"{what}: the forked child hung")
+        time.sleep(0.05)

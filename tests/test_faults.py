@@ -213,7 +213,7 @@ def test_fork_children_do_not_touch_the_parent(tmp_path):
 def test_forked_child_running_backward_of_the_parents_graph_raises(tmp_path):
     """A forked child that runs backward on a graph it inherited hung forever waiting for a
     read the parent's I/O threads would do; now the unpack says why it cannot."""
-    import time
+    from helpers import wait_child
 
     torch.manual_seed(0)
     model, x = Net(), torch.randn(64, 256)
@@ -231,16 +231,7 @@ def test_forked_child_running_backward_of_the_parents_graph_raises(tmp_path):
                 except BaseException:
                     code = 5
                 os._exit(code)
-            deadline = time.monotonic() + 60
-            while True:
-                done, status = os.waitpid(pid, os.WNOHANG)
-                if done:
-                    break
-                if time.monotonic() > deadline:
-                    os.kill(pid, 9)
-                    os.waitpid(pid, 0)
-                    pytest.fail("the forked child hung in backward")
-                time.sleep(0.05)
+            status = wait_child(pid, 60, "backward of the parent's graph")
             assert os.WEXITSTATUS(status) == 0, os.WEXITSTATUS(status)
             loss.backward()  # the parent's backward is unaffected
 

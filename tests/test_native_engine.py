@@ -15,6 +15,8 @@ import time
 import numpy as np
 import pytest
 
+from helpers import wait_child
+
 ALIGN = 4096
 MiB = 1 << 20
 
@@ -725,16 +727,7 @@ def test_engine_unusable_after_fork(tmp_path):
                 code = 2
         finally:
             os._exit(code)
-    deadline = time.monotonic() + 30
-    while True:
-        wpid, status = os.waitpid(pid, os.WNOHANG)
-        if wpid:
-            break
-        if time.monotonic() > deadline:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-            pytest.fail("child hung using the engine after fork")
-        time.sleep(0.01)
+    status = wait_child(pid, 30, "using the engine after fork")
     e.close()
     os.close(fd)
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
