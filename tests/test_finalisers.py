@@ -9,7 +9,6 @@ our locks is held. Run in a child process: a hang must fail the test, not stop t
 """
 from __future__ import annotations
 
-import gc
 import os
 import subprocess
 import sys
