@@ -207,3 +207,35 @@ def test_world_writable_without_sticky_bit_and_symlink_refused(tmp_path):
     link.symlink_to(real)
     with pytest.raises(ssdoffload.SpillPathError, match="symbolic link"):
         ssdoffload.Offloader(None, _config(str(link)))
+
+
+def test_planted_fifo_or_foreign_file_is_never_opened_blocking_or_removed(tmp_path):
+    """Reclaiming stale spill files opened every matching name with a blocking O_RDONLY: a FIFO
+    planted under a spill file's name hung ``Offloader(...)`` forever. Only regular files of
+    ours are ever locked or removed; anything else named like one is left alone."""
+    import threading
+
+    from ssdoffload.store import FILE_PREFIX, FILE_SUFFIX
+
+    d = tmp_path / "act"
+    d.mkdir(mode=0o700)
+    fifo = d / f"{FILE_PREFIX}planted-1-00000000{FILE_SUFFIX}"
+    os.mkfifo(fifo, 0o600)
+    foreign = d / f"{FILE_PREFIX}planted-2-00000000{FILE_SUFFIX}"
+    foreign.write_bytes(b"x" * 4096)
+    os.chown(foreign, 65534, 65534)  # another user's file (we run as root in CI)
+    made = []
+    t = threading.Thread(target=lambda: made.append(ssdoffload.Offloader(_model(), _config(str(d)))), daemon=True)
+    t.start()
+    t.join(timeout=60)
+    if t.is_alive():
+        with open(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK), "wb"):  # lets the blocked open return
+            pass
+        t.join(timeout=10)
+        pytest.fail("Offloader(...) hung opening a FIFO named like a spill file")
+    (off,) = made
+    try:
+        assert fifo.exists() and foreign.exists()
+    finally:
+        off.close()
+    assert sorted(_files(str(d))) == sorted([fifo.name, foreign.name])
