@@ -9,14 +9,14 @@
 import logging
 
 from .config import OffloadConfig
-from .errors import OffloadError, SpillPathError, SpillReadError
+from .errors import OffloadError, ResourceLimitError, SpillPathError, SpillReadError
 from .offloader import Offloader
 from .stats import OffloadStats
 
 logging.getLogger("ssdoffload").addHandler(logging.NullHandler())
 
 __all__ = ["Offloader", "OffloadConfig", "OffloadStats", "OffloadError", "SpillPathError",
-           "SpillReadError", "plan"]
+           "SpillReadError", "ResourceLimitError", "plan"]
 __version__ = "0.1.0"
 
 

@@ -29,3 +29,8 @@ class IntegrityError(OffloadError):
 
 class WriteAbandoned(OffloadError):
     """A write stopped between pieces because backward already used and freed its tensor."""
+
+
+class ResourceLimitError(OffloadError):
+    """The offloader could not start its I/O threads: a process, thread or address-space limit
+    stopped it. The message names the part that failed and the limits with their values."""

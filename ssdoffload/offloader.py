@@ -77,6 +77,7 @@ class Offloader:
         self.model = model
         self._owner_pid = os.getpid()
         self._closed = False
+        self._closing = "not started"  # what close() is doing (named when it takes too long)
         self._lock = threading.RLock()
         self._stats = StatsCollector()
         self._step_keys = itertools.count()
@@ -121,6 +122,7 @@ class Offloader:
                                           placement=self._place, profiler=self.profiler)
             self.tracker = LayerTracker(layers, self._enter_layer, self._exit_layer, self._layer_backward)
         except BaseException:
+            self._close_store(failed=True)  # also removes the directories it made
             self.close()
             raise
         _live.add(self)
@@ -191,7 +193,9 @@ class Offloader:
                     "scopes do not nest and one Offloader serves one training loop: close one "
                     "before opening the next (use one Offloader per thread that trains)")
             if self._store is None:  # removed after an aborted step
-                self._store = SpillStore(self.paths, self.config.initial_file_bytes)
+                # Made again on what still works: a path whose drive died is left out (with a
+                # warning) and, with none left, tensors stay in memory.
+                self._store = SpillStore(self.paths, self.config.initial_file_bytes, require_all=False)
             scope = ScopeState(key, thread=threading.get_ident())
             self._active_scope = scope
         try:
@@ -299,10 +303,16 @@ class Offloader:
         """Paths of the spill files this process has open."""
         return self._store.paths() if self._store is not None else []
 
-    def close(self) -> None:
-        """Finish in-flight I/O, stop the threads, free pinned memory, remove the spill files."""
+    def close(self, timeout: Optional[float] = 60.0) -> bool:
+        """Finish in-flight I/O, stop the threads, free pinned memory, remove the spill files.
+
+        Waits at most ``timeout`` seconds (``None``: for ever). A drive that does not answer
+        (a frozen filesystem, a hung device) cannot hold the caller: what is left is named in a
+        warning and finished on a background thread once the drive answers. Returns True when
+        everything was closed in time.
+        """
         if self._closed:
-            return
+            return True
         self._closed = True
         _live.discard(self)
         if self.engine is not None:
@@ -310,19 +320,50 @@ class Offloader:
         if os.getpid() != self._owner_pid:
             # A forked child (a DataLoader worker): the I/O threads and the spill files belong to
             # the parent. Joining threads that do not exist here would hang; leave it all alone.
-            return
+            return True
         if self.tracker is not None:
             self.tracker.remove()
+        if self.engine is not None:
+            # Unread entries fail now, on this thread, whatever the drive does: a backward after
+            # close() raises instead of waiting on a read.
+            self._release_dead()
+            self._discard_unread("the Offloader was closed before backward used it", wait=False)
+        files = self.spill_files
+        if timeout is None:
+            self._finish_close()
+            return True
+        try:
+            finisher = threading.Thread(target=self._finish_close, name="ssdoffload-close", daemon=True)
+            finisher.start()
+        except RuntimeError:  # no thread to spare (a process limit): close here, unbounded
+            self._finish_close()
+            return True
+        finisher.join(timeout)
+        if not finisher.is_alive():
+            return True
+        pending = self.transfers.pending_writes() if self.engine is not None else 0
+        log.warning(
+            "ssdoffload: close() gave up waiting after %.0f s while %s (%d write(s) still in "
+            "flight; spill files %s). Is the drive frozen or hung? This is finished in the "
+            "background when the drive answers; a file left after exit is reclaimed by the next "
+            "start in its directory", timeout, self._closing, pending, ", ".join(files) or "(none)")
+        return False
+
+    def _finish_close(self) -> None:
+        """The part of ``close()`` that may wait on the drive (``_closing`` says where it is)."""
         try:
             if self.engine is not None:
-                self._release_dead()
+                self._closing = "waiting for the writes in flight"
                 self.transfers.wait_writes()
                 self._discard_unread("the Offloader was closed before backward used it")
+                self._closing = "stopping the I/O threads"
                 self.engine.close()
         finally:
+            self._closing = "removing the spill files"
             self._close_store()
             if self.tier is not None:
                 self.tier.close()
+            self._closing = "done"
 
     def __enter__(self) -> "Offloader":
         return self
@@ -343,10 +384,10 @@ class Offloader:
             raise OSError(2, "spill store is closed")
         return store
 
-    def _close_store(self) -> None:
+    def _close_store(self, failed: bool = False) -> None:
         store, self._store = self._store, None
         if store is not None:
-            store.close()
+            store.close(failed=failed)
 
     def _check_open(self) -> None:
         if self._closed:
@@ -377,15 +418,18 @@ class Offloader:
         if self.engine is not None:
             self.cache.releases.drain()
 
-    def _discard_unread(self, why: str) -> None:
+    def _discard_unread(self, why: str, wait: bool = True) -> None:
         """Entries whose data lives only in the spill files (or is being read) become FAILED:
         a later unpack raises ``OffloadError`` saying ``why`` instead of reading a file that is
-        about to go away. Entries that hold their memory keep serving backward."""
+        about to go away. Entries that hold their memory keep serving backward. ``wait``: let
+        reads in flight finish first (a loaded entry is then kept); without it only entries no
+        read has started on are discarded (this never waits on the drive)."""
+        discard = (State.ON_DISK, State.LOADING) if wait else (State.ON_DISK,)
         for entry in self.cache.all_entries():
-            if entry.read_future is not None:
+            if wait and entry.read_future is not None:
                 wait_for(entry.read_future)
             with self.cache.lock:
-                if entry.state in (State.ON_DISK, State.LOADING):
+                if entry.state in discard:
                     entry.error = OffloadError(f"ssdoffload: {entry.describe()} cannot be used: {why}")
                     if entry.state is State.ON_DISK:
                         self.cache.transition(entry, State.LOADING)

@@ -44,7 +44,7 @@ from .cache import HOLDS_MEMORY, Entry, OffloadCache, State
 from .errors import OffloadError, SpillReadError, WriteAbandoned
 from .io import IOEngine, byte_view
 from .stats import StatsCollector, Timeline
-from .store import SpillStore
+from .store import DEAD_DRIVE_ERRNOS, Extent, SpillStore
 from .tiers import HostSlot, HostTier, HostTierBackend, RateLimiter
 
 log = logging.getLogger("ssdoffload")
@@ -277,6 +277,10 @@ class Transfers:
             if entry.state is State.WRITING:
                 self.cache.transition(entry, State.RESIDENT)
             extent, entry.extent = entry.extent, None
+        if isinstance(extent, Extent) and exc.errno in DEAD_DRIVE_ERRNOS and extent.file.mark_failed(exc):
+            # The drive, not this request, failed: nothing more goes to that file; the other
+            # paths (or memory) carry on, and its data already written fails loudly on read.
+            log.warning("ssdoffload: spill file %s failed (%s); no more writes go there", extent.file.path, exc)
         if extent is not None and extent_allocated:
             self._free_extent(extent)
         self.stats.add(write_failures=1)
@@ -287,6 +291,11 @@ class Transfers:
                 "Further write failures are counted in stats().write_failures.",
                 RuntimeWarning, stacklevel=2)
         log.debug("ssdoffload: write of %s failed: %s", entry.describe(), exc)
+
+    def pending_writes(self) -> int:
+        """How many queued writes have not finished."""
+        with self._pending_lock:
+            return sum(1 for f in self._pending_writes if not f.done())
 
     def wait_writes(self) -> None:
         """Block until every queued write finished (successfully, failed or skipped)."""

@@ -65,11 +65,15 @@ def _on_disk_entries(off):
 
 
 def _flip_byte(entry):
-    # Through the open descriptor: the directory may have been removed by an earlier fault.
-    fd = entry.extent.file.fd
-    pos = entry.extent.offset + entry.nbytes // 2
-    b = os.pread(fd, 1, pos)
-    os.pwrite(fd, bytes([b[0] ^ 0x5A]), pos)
+    # Through the open file (a buffered descriptor on the same inode; ours is O_DIRECT): the
+    # directory may have been removed by an earlier fault.
+    fd = os.open(entry.extent.file.proc_path, os.O_RDWR)
+    try:
+        pos = entry.extent.offset + entry.nbytes // 2
+        b = os.pread(fd, 1, pos)
+        os.pwrite(fd, bytes([b[0] ^ 0x5A]), pos)
+    finally:
+        os.close(fd)
 
 
 def _truncate(entry):

@@ -5,7 +5,6 @@ import errno
 import gc
 import os
 import pathlib
-import signal
 import subprocess
 import sys
 import textwrap

@@ -9,7 +9,6 @@ when the probe created it.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import asdict, dataclass
 from typing import List, Sequence
@@ -17,7 +16,7 @@ from typing import List, Sequence
 import torch
 
 from ..io.native import NativeEngine
-from ..store import SpillFile, prepare_directory
+from ..store import SpillDirectory, SpillFile
 
 log = logging.getLogger("ssdoffload")
 
@@ -60,9 +59,12 @@ def measure(path: str, nbytes: int = 256 << 20, block_bytes: int = 64 << 20, thr
     block_bytes = max(block_bytes, ALIGN)
     blocks = max(1, nbytes // block_bytes)
     nbytes = blocks * block_bytes
-    existed = os.path.isdir(path)
-    directory = prepare_directory(path)
-    spill = SpillFile(directory, nbytes)
+    directory = SpillDirectory.open(path)
+    try:
+        spill = SpillFile(directory, nbytes)
+    except BaseException:
+        directory.close(remove_if_created=True)
+        raise
     engine = NativeEngine(threads, chunk_bytes)
     try:
         buf = _aligned_buffer(block_bytes)
@@ -77,17 +79,13 @@ def measure(path: str, nbytes: int = 256 << 20, block_bytes: int = 64 << 20, thr
             for ext in extents:
                 engine.read(buf.data_ptr(), block_bytes, ext)
             best_r = min(best_r, time.perf_counter() - t0)
-        result = ProbeResult(path=directory, nbytes=nbytes, block_bytes=block_bytes, threads=threads,
+        result = ProbeResult(path=directory.path, nbytes=nbytes, block_bytes=block_bytes, threads=threads,
                              direct=spill.is_direct, write_bytes_per_s=nbytes / best_w,
                              read_bytes_per_s=nbytes / best_r, write_seconds=best_w, read_seconds=best_r)
     finally:
         engine.close()
         spill.close()
-        if not existed:
-            try:
-                os.rmdir(directory)
-            except OSError:
-                pass
+        directory.close(remove_if_created=True)  # a directory the probe made goes again
     log.info("ssdoffload: probe %s: write %.2f GB/s, read %.2f GB/s (O_DIRECT: %s)", directory,
              result.write_bytes_per_s / 1e9, result.read_bytes_per_s / 1e9, result.direct)
     return result

@@ -13,7 +13,7 @@ from typing import Dict
 import torch
 
 from ..config import OffloadConfig
-from .base import Backend, IOEngine, byte_view
+from .base import Backend, IOEngine, byte_view, close_backends
 from .kvikio_backend import KvikioBackend, kvikio_available
 from .native import NativeEngine, NativeHostBackend
 from .staging import StagedCudaBackend
@@ -62,5 +62,11 @@ class BackendSet(dict):
 
 
 def make_engine(config: OffloadConfig) -> IOEngine:
+    """The backends and the engine, with every I/O thread already started: a limit on threads
+    fails here with ``ResourceLimitError`` (nothing left running), not in the first step."""
     backends: Dict[str, Backend] = BackendSet(config)
-    return IOEngine(backends, config.io_threads)
+    try:
+        return IOEngine(backends, config.io_threads, host_pool=config.host_cache_bytes > 0)
+    except BaseException:
+        close_backends(backends)  # stops the native engine's workers
+        raise

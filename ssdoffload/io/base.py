@@ -32,6 +32,7 @@ import torch
 from .. import _native
 from ..errors import IntegrityError
 from ..store import Extent
+from .threads import start_pool
 
 
 def check_crc(address: int, nbytes: int, expected: int, extent: Extent, offset: int) -> None:
@@ -83,15 +84,27 @@ class IOEngine:
     """Runs backend calls on two thread pools and hands back futures.
 
     Reads get their own pool so a backward that waits on a prefetch is never queued behind
-    forward's writes.
+    forward's writes. Every pool is started to full size here (``threads.start_pool``), and the
+    host-RAM tier's copy thread too when ``host_pool``: a limit on threads then fails
+    construction with ``ResourceLimitError`` rather than the first step.
     """
 
-    def __init__(self, backends: dict, threads: int) -> None:
+    def __init__(self, backends: dict, threads: int, host_pool: bool = False) -> None:
         self.backends = backends  # device type -> Backend
-        self._writers = concurrent.futures.ThreadPoolExecutor(max(1, threads // 2), "ssdoffload-write")
-        self._readers = concurrent.futures.ThreadPoolExecutor(max(1, threads // 2), "ssdoffload-read")
+        self._writers: Optional[concurrent.futures.ThreadPoolExecutor] = None
+        self._readers: Optional[concurrent.futures.ThreadPoolExecutor] = None
         self._host: Optional[concurrent.futures.ThreadPoolExecutor] = None
         self._host_lock = threading.Lock()
+        per_pool = max(1, threads // 2)
+        try:
+            self._writers = start_pool(per_pool, "ssdoffload-write", f"the {per_pool} write threads")
+            self._readers = start_pool(per_pool, "ssdoffload-read", f"the {per_pool} read threads")
+            if host_pool:
+                self._host = start_pool(1, "ssdoffload-host", "the host-RAM tier's copy thread")
+        except BaseException:
+            # The pools already started are stopped; the backends stay the caller's to close.
+            self._shutdown_pools()
+            raise
 
     def backend_for(self, device: torch.device) -> Backend:
         backend = self.backends.get(device.type)
@@ -107,21 +120,30 @@ class IOEngine:
 
     def submit_host(self, fn, *args) -> concurrent.futures.Future:
         """Copies to and from the host-RAM tier: their own thread, so they never queue behind
-        the drive's writes or reads (reloads take from RAM first). Made on first use."""
+        the drive's writes or reads (reloads take from RAM first). Started at construction when
+        the engine was told of a host tier, else made on first use."""
         with self._host_lock:
             if self._host is None:
-                self._host = concurrent.futures.ThreadPoolExecutor(1, "ssdoffload-host")
+                self._host = start_pool(1, "ssdoffload-host", "the host-RAM tier's copy thread")
             return self._host.submit(fn, *args)
 
-    def close(self) -> None:
-        self._writers.shutdown(wait=True)
-        self._readers.shutdown(wait=True)
+    def _shutdown_pools(self) -> None:
         with self._host_lock:
-            host, self._host = self._host, None
-        if host is not None:
-            host.shutdown(wait=True)
-        closed = set()
-        for backend in self.backends.values():
-            if id(backend) not in closed:
-                closed.add(id(backend))
-                backend.close()
+            pools = [self._writers, self._readers, self._host]
+            self._host = None
+        for pool in pools:
+            if pool is not None:
+                pool.shutdown(wait=True)
+
+    def close(self) -> None:
+        self._shutdown_pools()
+        close_backends(self.backends)
+
+
+def close_backends(backends: dict) -> None:
+    """Close each backend once (one backend may serve several device types)."""
+    closed = set()
+    for backend in backends.values():
+        if id(backend) not in closed:
+            closed.add(id(backend))
+            backend.close()

@@ -60,7 +60,7 @@ class KvikioBackend(Backend):
         with self._lock:
             f = self._files.get(path)
             if f is None:
-                f = self._kvikio.CuFile(path, "r+")
+                f = self._kvikio.CuFile(extent.file.proc_path, "r+")  # same inode, not the name
                 self._files[path] = f
             return f
 

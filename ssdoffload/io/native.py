@@ -18,13 +18,21 @@ from .. import _native
 from ..allocator import ALIGNMENT, align_up
 from ..store import Extent
 from .base import Backend, check_crc
+from .threads import is_thread_start_failure, resource_limit_error
 
 
 class NativeEngine:
     """A thin owner of one ``_native.Engine``; the CPU and staged backends share it."""
 
     def __init__(self, threads: int, chunk_bytes: int) -> None:
-        self.engine = _native.Engine(threads, chunk_bytes)
+        try:
+            # Starts all ``threads`` workers now; on failure the C++ side joins the ones that
+            # started and raises OSError with pthread_create's errno (EAGAIN, ENOMEM).
+            self.engine = _native.Engine(threads, chunk_bytes)
+        except (OSError, MemoryError) as exc:
+            if is_thread_start_failure(exc):
+                raise resource_limit_error(f"the native I/O engine's {threads} worker threads", exc) from exc
+            raise
 
     def write(self, address: int, nbytes: int, extent: Extent) -> None:
         """Blocking write of ``nbytes`` at ``address`` into ``extent`` (GIL released)."""

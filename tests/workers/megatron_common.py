@@ -12,7 +12,6 @@ import importlib
 import importlib.util
 import os
 import sys
-from functools import partial
 
 import torch
 
