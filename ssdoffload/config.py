@@ -44,7 +44,11 @@ class OffloadConfig:
         initial_file_bytes: Preallocated size of each spill file; it grows on demand and is
             reused every step.
         pinned_pool_bytes: Pinned host memory used to stage CUDA tensors (native backend only).
-        verify: Checksum every extent when written and check it when read.
+        verify: Checksum (CRC-32C) every piece written to the spill files and check it when
+            read back, so a flipped bit, a hole or a lost write on the drive raises
+            ``SpillReadError`` instead of reaching the gradients. ``None`` (default): on,
+            except with ``backend="kvikio"`` (GPUDirect moves device memory straight to the
+            drive: there is no host copy to checksum). ``False`` opts out.
         enabled: ``False`` turns the offloader into a no-op (used by framework config blocks).
         policy: ``"adaptive"`` (default): the first step offloads everything and measures, per
             layer, the bytes saved and the compute time, and the achieved write/read bandwidth;
@@ -76,7 +80,7 @@ class OffloadConfig:
     chunk_bytes: int = 4 << 20
     initial_file_bytes: int = 64 << 20
     pinned_pool_bytes: int = 256 << 20
-    verify: bool = False
+    verify: Optional[bool] = None
     enabled: bool = True
     policy: str = "adaptive"
     host_cache_bytes: int = 0
@@ -84,6 +88,11 @@ class OffloadConfig:
     max_read_bandwidth: Optional[float] = None
     stall_tolerance: float = 0.01
     paths: tuple = field(init=False, repr=False, default=())
+
+    @property
+    def checksums(self) -> bool:
+        """Whether spill data is checksummed (``verify`` resolved: see its description)."""
+        return self.verify if self.verify is not None else self.backend != "kvikio"
 
     def __post_init__(self) -> None:
         self.paths = tuple(_validate_paths(self.path))
@@ -131,7 +140,9 @@ class OffloadConfig:
                 f"OffloadConfig.stall_tolerance={tol!r} must be a fraction of the step time "
                 "in [0, 0.5]"
             )
-        for name in ("verify", "enabled"):
+        if self.verify is not None and not isinstance(self.verify, bool):
+            raise ValueError(f"OffloadConfig.verify={self.verify!r} must be true, false or None (the default: on)")
+        for name in ("enabled",):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(
                     f"OffloadConfig.{name}={getattr(self, name)!r} must be true or false"

@@ -99,7 +99,7 @@ class Offloader:
             if config.host_cache_bytes > 0:
                 self.tier = HostTier(config.host_cache_bytes)
             self.transfers = Transfers(self.engine, self._get_store, self.cache, self._stats,
-                                       verify=config.verify, tier=self.tier,
+                                       verify=config.checksums, tier=self.tier,
                                        max_write_bandwidth=config.max_write_bandwidth,
                                        max_read_bandwidth=config.max_read_bandwidth)
             self.prefetcher = Prefetcher(self.cache, self.transfers, config.prefetch_depth)

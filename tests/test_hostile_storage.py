@@ -376,3 +376,81 @@ def test_a_full_drive_keeps_training_exact(ext4):
     finally:
         os.close(filler)
 
+
+
+# -- 1. integrity checking is on by default ------------------------------------------------
+FS_IOC_FIEMAP = 0xC020660B
+FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE = 1, 2
+
+
+def _physical_offset(fd: int, pos: int) -> int:
+    """Where byte ``pos`` of the file lives on its block device (FIEMAP, synced first)."""
+    header = struct.pack("QQIIII", pos, 1, 1, 0, 1, 0)  # start, length, FLAG_SYNC, -, 1 extent, -
+    out = fcntl.ioctl(fd, FS_IOC_FIEMAP, header + b"\0" * 56)
+    mapped = struct.unpack_from("I", out, 20)[0]
+    assert mapped == 1, "no extent maps that byte"
+    logical, physical = struct.unpack_from("QQ", out, 32)
+    return physical + (pos - logical)
+
+
+def _flip_in_another_process(entry, fs):
+    pos = entry.extent.offset + entry.nbytes // 2
+    code = ("import os, sys; fd = os.open(sys.argv[1], os.O_RDWR); p = int(sys.argv[2]); "
+            "b = os.pread(fd, 1, p); os.pwrite(fd, bytes([b[0] ^ 0x40]), p); os.fsync(fd)")
+    subprocess.run([sys.executable, "-c", code, entry.extent.file.path, str(pos)], check=True, timeout=60)
+
+
+def _punch_hole(entry, fs):
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = os.open(entry.extent.file.proc_path, os.O_RDWR)
+    try:
+        rc = libc.fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, ctypes.c_long(entry.extent.offset),
+                            ctypes.c_long(4096))
+        assert rc == 0, os.strerror(ctypes.get_errno())
+    finally:
+        os.close(fd)
+
+
+def _flip_under_the_filesystem(entry, fs):
+    """Flip one bit in the disk image below ext4: the filesystem never sees a write."""
+    pos = entry.extent.offset + entry.nbytes // 2
+    physical = _physical_offset(entry.extent.file.fd, pos)
+    fd = os.open(fs.image, os.O_RDWR)
+    try:
+        b = os.pread(fd, 1, physical)
+        os.pwrite(fd, bytes([b[0] ^ 0x40]), physical)  # bit 6 of a float's top byte: an exponent bit
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("fault", [_flip_in_another_process, _punch_hole, _flip_under_the_filesystem],
+                         ids=["another_process", "hole_punched", "under_the_filesystem"])
+def test_corruption_is_caught_with_the_default_config(ext4, tmp_path, fault):
+    """With no ``verify`` given, a bit flipped in a spill extent (by another process, or on
+    the device under ext4) or a hole punched into the file raises ``SpillReadError`` in
+    backward instead of handing the optimizer a wrong gradient; the next step is exact."""
+    fs = ext4() if fault is _flip_under_the_filesystem else None
+    d = os.path.join(fs.root, "spill") if fs is not None else str(tmp_path / "act")
+    model, ref = _mlp(), _mlp()
+    x = torch.randn(512, 256, generator=torch.Generator().manual_seed(0))
+    cfg = _config(d)
+    assert cfg.verify is None and cfg.checksums
+    with ssdoffload.Offloader(model, cfg) as off:
+        with pytest.raises(ssdoffload.SpillReadError, match="checksum mismatch"):
+            with off.step():
+                loss = model(x).square().mean()
+                off.wait()
+                on_disk = [e for e in off.cache.all_entries() if e.extent is not None and e.nbytes >= 1 << 19]
+                fault(on_disk[0], fs)
+                loss.backward()
+        with off.step():
+            _assert_same(_grads(model, x), _grads(ref, x))
+
+
+def test_verify_can_be_turned_off_and_kvikio_defaults_to_off():
+    assert ssdoffload.OffloadConfig(path="/tmp/x", verify=False).checksums is False
+    assert ssdoffload.OffloadConfig(path="/tmp/x", backend="kvikio").checksums is False
+    assert ssdoffload.OffloadConfig(path="/tmp/x", backend="native").checksums is True

@@ -33,7 +33,7 @@ class BackendSet(dict):
                 "OffloadConfig.backend='kvikio' but kvikio cannot be imported; install the "
                 "'gds' extra (pip install kvikio-cu13) or use backend='native'"
             )
-        if config.backend == "kvikio" and config.verify:
+        if config.backend == "kvikio" and config.verify:  # asked for explicitly
             raise ValueError("OffloadConfig.verify=True needs backend='native' or 'auto' (kvikio "
                              "moves device memory directly, so there is no host copy to checksum)")
         self.config = config
@@ -51,7 +51,7 @@ class BackendSet(dict):
     def _make_cuda_backend(self) -> Backend:
         cfg = self.config
         # verify checksums pieces in pinned host memory, which kvikio's path never touches.
-        if not cfg.verify and (cfg.backend == "kvikio" or (cfg.backend == "auto" and kvikio_available())):
+        if not cfg.checksums and (cfg.backend == "kvikio" or (cfg.backend == "auto" and kvikio_available())):
             backend = KvikioBackend(cfg.io_threads, cfg.chunk_bytes)
             log.info("ssdoffload: CUDA tensors go through kvikio (compat mode: %s)", backend.compat_mode)
             return backend
