@@ -309,7 +309,7 @@ class Offloader:
         Waits at most ``timeout`` seconds (``None``: for ever). A drive that does not answer
         (a frozen filesystem, a hung device) cannot hold the caller: what is left is named in a
         warning and finished on a background thread once the drive answers. Returns True when
-        everything was closed in time.
+        everything was closed in time. ``timeout=0`` starts the close and returns at once.
         """
         if self._closed:
             return True
@@ -338,6 +338,8 @@ class Offloader:
         except RuntimeError:  # no thread to spare (a process limit): close here, unbounded
             self._finish_close()
             return True
+        if timeout <= 0:
+            return False  # asked not to wait: the finisher completes the close on its own
         finisher.join(timeout)
         if not finisher.is_alive():
             return True
@@ -372,10 +374,13 @@ class Offloader:
         self.close()
 
     def __del__(self) -> None:
+        # Dropped without close(): this may run inside the garbage collector, so nothing here
+        # waits on the drive or on a lock the interrupted code could hold; the close runs on
+        # its own thread (``timeout=0``).
         try:
-            self.close()
-        except Exception:  # interpreter teardown: nothing sensible left to report to
-            pass
+            self.close(timeout=0)
+        except Exception as exc:  # interpreter teardown: modules may already be gone
+            log.debug("ssdoffload: closing a dropped Offloader failed: %s", exc)
 
     # -- internals -----------------------------------------------------------------------
     def _get_store(self) -> SpillStore:

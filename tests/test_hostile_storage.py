@@ -8,6 +8,7 @@ need root or loop devices skip with the reason where the machine does not allow 
 import copy
 import errno
 import fcntl
+import gc
 import logging
 import os
 import struct
@@ -320,6 +321,39 @@ def test_close_on_a_frozen_filesystem_returns_and_finishes_later(ext4, caplog):
     finally:
         fs.thaw()
     # Once the drive answers again, the background finisher completes the close.
+    for _ in range(3000):
+        if not os.path.exists(path):
+            break
+        threading.Event().wait(0.1)
+    assert not os.path.exists(path)
+
+
+@pytest.mark.slow
+def test_dropping_an_unclosed_offloader_never_blocks_the_thread_that_drops_it(ext4):
+    """``Offloader.__del__`` may run inside the garbage collector, at any allocation: it must
+    not wait on the drive. On a frozen filesystem the drop returns at once, and the files go
+    once the drive answers."""
+    fs = ext4()
+    model = _mlp()
+    holder = [ssdoffload.Offloader(model, _config(os.path.join(fs.root, "spill"), initial_file_bytes=16 << 20))]
+    (path,) = holder[0].spill_files
+    with holder[0].step():
+        model(torch.randn(512, 256)).square().mean().backward()
+    holder[0].wait()
+    del model  # its layer hooks refer to the offloader: the two form a cycle
+    fs.freeze()  # now removing the spill file blocks in the kernel
+    try:
+
+        def drop():
+            holder.clear()
+            gc.collect()  # the collector runs __del__ here
+
+        t = threading.Thread(target=drop, daemon=True)
+        t.start()
+        t.join(timeout=300)
+        assert not t.is_alive(), "dropping an Offloader blocked on the frozen filesystem"
+    finally:
+        fs.thaw()
     for _ in range(3000):
         if not os.path.exists(path):
             break
