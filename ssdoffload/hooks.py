@@ -120,6 +120,7 @@ class ScopeState:
     group: int = 0
     layer: Optional[int] = None
     thread: int = 0  # threading.get_ident() of the thread that opened it
+    filled: int = 0  # bytes offloaded into the current group (grouping by bytes)
 
 
 class SavedTensorHooks:
@@ -140,6 +141,9 @@ class SavedTensorHooks:
         self.scope: Optional[ScopeState] = None
         self._pid = os.getpid()  # handles are only good in the process whose threads and files they use
         self.param_keys: Set[Tuple[str, int]] = set()
+        #: With no layers to group by: start a new prefetch group every this many offloaded
+        #: bytes, in pack order (backward consumes them roughly in reverse). None: layers group.
+        self.group_bytes: Optional[int] = None
 
     def context(self) -> torch.autograd.graph.saved_tensors_hooks:
         return torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
@@ -158,6 +162,8 @@ class SavedTensorHooks:
         self.prefetcher.forward_resumed(scope.key)
         key = storage_key(tensor)
         nbytes = tensor.untyped_storage().nbytes()
+        if self.group_bytes is not None:
+            self._group_by_bytes(scope, nbytes)
         if self.profiler is not None:
             self.profiler.saved(scope.key, scope.group, key, nbytes)
         entry = self.cache.lookup(key, tensor, scope.key)
@@ -181,6 +187,17 @@ class SavedTensorHooks:
         self.stats.resident(entry.nbytes)
         self.transfers.start_write(entry, place)
         return handle
+
+    def _group_by_bytes(self, scope: ScopeState, nbytes: int) -> None:
+        """Open a new group once the current one holds ``group_bytes`` (each group then is
+        read back as a unit, ``depth`` groups ahead of backward, as a layer would be)."""
+        assert self.group_bytes is not None
+        if scope.filled and scope.filled + nbytes > self.group_bytes:
+            scope.group += 1
+            scope.filled = 0
+            if self.profiler is not None:
+                self.profiler.group(scope.key, scope.group)
+        scope.filled += nbytes
 
     def unpack(self, packed: Any) -> torch.Tensor:
         self.cache.releases.drain()

@@ -44,6 +44,11 @@ from .transfers import Transfers, wait_for
 _MIN_MEASURED_BYTES = 64 << 10
 #: What the plan assumes a pinned host copy moves per second (PCIe Gen4/5 x16, conservatively).
 _PCIE_BYTES_PER_S = 20e9
+#: Grouping by bytes (models without layers): the first step's group size, then about this
+#: many groups per step, each at least _MIN_GROUP_BYTES (smaller ones only add bookkeeping).
+_FIRST_GROUP_BYTES = 8 << 20
+_GROUPS_PER_STEP = 16
+_MIN_GROUP_BYTES = 1 << 20
 
 log = logging.getLogger("ssdoffload")
 
@@ -90,6 +95,7 @@ class Offloader:
         self.tier: Optional[HostTier] = None
         self.adaptive: Optional[AdaptivePolicy] = None
         self.profiler: Optional[StepProfiler] = None
+        self._group_bytes_fixed = True
         if not config.enabled:
             return
         self._store = SpillStore(self.paths, config.initial_file_bytes)
@@ -106,20 +112,21 @@ class Offloader:
             self.transfers.wanted = self.prefetcher.is_requested
             layers = config.layers if config.layers is not None else find_layers(model)
             if config.policy == "adaptive":
-                if layers:
-                    self.profiler = StepProfiler()
-                    # On a CPU host the tier keeps tensors in place: host memory is the device's,
-                    # so a RAM placement would save nothing and the plan is made without it.
-                    cuda = self._on_cuda()
-                    self.adaptive = AdaptivePolicy(
-                        depth=config.prefetch_depth, host_cache_bytes=config.host_cache_bytes if cuda else 0,
-                        write_cap=config.max_write_bandwidth, read_cap=config.max_read_bandwidth,
-                        tolerance=config.stall_tolerance, ram_bps=_PCIE_BYTES_PER_S)
-                else:
-                    log.info("ssdoffload: policy 'adaptive' needs layers to plan with and found none; "
-                             "offloading everything (as policy 'all')")
+                self.profiler = StepProfiler(by_bytes=not layers)
+                # On a CPU host the tier keeps tensors in place: host memory is the device's,
+                # so a RAM placement would save nothing and the plan is made without it.
+                cuda = self._on_cuda()
+                self.adaptive = AdaptivePolicy(
+                    depth=config.prefetch_depth, host_cache_bytes=config.host_cache_bytes if cuda else 0,
+                    write_cap=config.max_write_bandwidth, read_cap=config.max_read_bandwidth,
+                    tolerance=config.stall_tolerance, ram_bps=_PCIE_BYTES_PER_S)
             self.hooks = SavedTensorHooks(config, self.cache, self.transfers, self.prefetcher, self._stats,
                                           placement=self._place, profiler=self.profiler)
+            if not layers:
+                # No blocks to group by (torchvision-style nn.Sequential stages, a custom model,
+                # no model): group saved tensors by bytes in pack order instead.
+                self.hooks.group_bytes = _FIRST_GROUP_BYTES
+                self._group_bytes_fixed = False
             self.tracker = LayerTracker(layers, self._enter_layer, self._exit_layer, self._layer_backward)
         except BaseException:
             self._close_store(failed=True)  # also removes the directories it made
@@ -248,9 +255,30 @@ class Offloader:
         ``policy="adaptive"``, feed the step's measurements to the plan (which may change for
         the next step: see ``plan()``)."""
         self._release_dead()
-        if self.adaptive is not None and not self._closed:
+        if self._groups_by_bytes() and not self._group_bytes_fixed and not self._closed:
+            self._size_byte_groups()
+        elif self.adaptive is not None and not self._closed:
             self._replan()
         return self._stats.end_step()
+
+    def _groups_by_bytes(self) -> bool:
+        return self.enabled and self.hooks.group_bytes is not None
+
+    def _size_byte_groups(self) -> None:
+        """After the first step: size the byte groups from what it offloaded, so a step has
+        about ``_GROUPS_PER_STEP`` groups whatever the model's size (backward then holds about
+        ``depth + 1`` of them). Fixed from then on: the adaptive plan needs stable groups, so
+        the first step's profile (made with the provisional size) is dropped."""
+        total = self._stats.snapshot("step").offloadable_bytes
+        if total <= 0:
+            return  # nothing offloaded yet (a warm-up without grad?): size it next step
+        size = max(_MIN_GROUP_BYTES, total // _GROUPS_PER_STEP)
+        self.hooks.group_bytes = size
+        self._group_bytes_fixed = True
+        if self.profiler is not None:
+            self.profiler.discard()
+        log.info("ssdoffload: no layers to group by; grouping saved tensors by %.1f MiB in pack "
+                 "order (%.0f MiB offloaded in the first step)", size / 2**20, total / 2**20)
 
     def plan(self) -> Optional[Plan]:
         """The adaptive plan in force (``None``: policy "all", or still profiling). Its

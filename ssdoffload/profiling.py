@@ -24,7 +24,9 @@ import torch
 from .adaptive import GroupTiming
 
 
-def group_name(group: int) -> str:
+def group_name(group: int, by_bytes: bool = False) -> str:
+    if by_bytes:  # no layers: groups are runs of saved bytes in pack order
+        return f"bytes group {group}"
     if group == 0:
         return "before the layers"
     if group % 2:
@@ -47,9 +49,10 @@ class StepProfiler:
     """Collects group marks and saved bytes per scope; ``collect`` turns finished scopes into
     per-group timings."""
 
-    def __init__(self) -> None:
+    def __init__(self, by_bytes: bool = False) -> None:
         self._lock = threading.Lock()
         self._scopes: Dict[Any, _ScopeRecord] = {}
+        self.by_bytes = by_bytes  # groups are byte runs, not layers (only their names differ)
 
     @staticmethod
     def _mark(cuda: bool) -> Any:
@@ -155,6 +158,6 @@ class StepProfiler:
             return None
         ratio = t_bwd / t_fwd if t_bwd > 0 else 2.0
         groups = tuple(GroupTiming(nbytes=rec.nbytes.get(g, 0), forward_seconds=fwd[g],
-                                   backward_seconds=fwd[g] * ratio, name=group_name(g))
+                                   backward_seconds=fwd[g] * ratio, name=group_name(g, self.by_bytes))
                        for g in range(last + 1))
         return groups, t_fwd + t_fwd * ratio

@@ -268,7 +268,9 @@ def test_write_cap_is_honoured(spill_dir):
     assert starts[-1] - starts[0] >= (stats.bytes_written - largest) / cap * (1 - 1e-9)
 
 
-def test_no_layers_falls_back_to_full_offload(spill_dir):
+def test_no_layers_plans_over_byte_groups(spill_dir):
+    """A model with no layer list is grouped by saved bytes; the adaptive policy plans over
+    those groups (it used to fall back to offloading everything, unplanned)."""
     lin = torch.nn.Linear(256, 256)
     x = torch.randn(64, 256, requires_grad=True)
     with ssdoffload.Offloader(lin, _cfg(spill_dir)) as off:
@@ -277,5 +279,6 @@ def test_no_layers_falls_back_to_full_offload(spill_dir):
                 loss = lin(x).tanh().sum()
                 off.wait()  # the writes finish before backward frees their tensors
                 loss.backward()
-        assert off.plan() is None and off.adaptive is None
+        assert off.hooks.group_bytes is not None and off.adaptive is not None
+        assert off.plan() is not None and "bytes group 0" in off.plan().describe()
         assert off.stats().bytes_written > 0
