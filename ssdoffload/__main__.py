@@ -68,7 +68,12 @@ def _overrides(args: argparse.Namespace) -> Dict[str, object]:
 def build_parser() -> argparse.ArgumentParser:
     from .bench.strategies import STRATEGIES
 
-    parser = argparse.ArgumentParser(prog="ssdoffload", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="ssdoffload",
+        description="Activation offloading to NVMe: benchmark it, measure a drive, plan a run.",
+        epilog="examples: python -m ssdoffload bench   (about a minute on a laptop CPU: a small GPT "
+               "under each strategy); python -m ssdoffload probe /nvme/act; "
+               "python -m ssdoffload plan --help. 'ssdoffload COMMAND --help' for the options.")
     sub = parser.add_subparsers(dest="command", metavar="{bench,probe,plan}")
 
     b = sub.add_parser("bench", help="compare keep, recompute, cpu and ssd offload on a built-in GPT",
@@ -193,7 +198,10 @@ def main(argv: Optional[List[str]] = None) -> int:
 
         return plan_main(argv[1:])
     parser = build_parser()
-    args = parser.parse_args(argv or ["bench"])
+    if not argv:  # a newcomer typing the bare command gets help, not a minute-long benchmark
+        parser.print_help()
+        return 2
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     try:
         if args.command == "probe":

@@ -471,6 +471,9 @@ def plan(spec: Optional[ModelSpec] = None, *, profile: Optional[Profile] = None,
     drive = drive or Drive()
     if spec is None and profile is None:
         raise ValueError("give a ModelSpec (spec=...) or a measured profile (profile=...)")
+    if global_batch is not None and (dp < 1 or global_batch < dp or global_batch % dp):
+        raise ValueError(f"global_batch={global_batch} must be a positive multiple of dp={dp} "
+                         "(each data-parallel replica runs the same number of sequences)")
     pp = spec.pp if spec is not None else (pp or 1)
     schedule = spec.schedule if spec is not None else (schedule or ("1f1b" if pp > 1 else "no_pipelining"))
     ranks = [rank] if rank is not None else list(range(pp))
@@ -547,7 +550,11 @@ def _plan_rank(prof: Profile, rank: int, flight: int, budget: float, drive: Driv
         b = _fit(0.0, per_sample[strategy], budget)
         m = fixed_m
         if m is None and global_batch is not None and b > 0:
-            m = max(1, math.ceil(global_batch / (dp * b)))
+            # Micro-batch x count must be the per-replica batch: the largest micro-batch that
+            # fits *and* divides it (29 x 3 is not a batch of 64).
+            per_replica = global_batch // dp
+            b = max(d for d in range(1, min(int(b), per_replica) + 1) if per_replica % d == 0)
+            m = per_replica // b
         bubble = (pp - 1) / (m + pp - 1) if m else None
         compute = (t_f + t_b + (t_f if strategy == "recompute" else 0.0)) * b  # one micro-batch
         step = compute * m / (1 - bubble) if m and bubble is not None and bubble < 1 else None
@@ -623,35 +630,35 @@ def build_parser() -> argparse.ArgumentParser:
                "--vocab 50304 --pp 4 --gpu-memory 80 --global-batch 512 --dp 8 --write-gbps 6 "
                "--read-gbps 12 --tbw 7000")
     m = ap.add_argument_group("model (description)")
-    m.add_argument("--layers", type=int, default=24)
-    m.add_argument("--hidden", type=int, default=2048)
-    m.add_argument("--heads", type=int, default=16)
-    m.add_argument("--seq", type=int, default=2048)
-    m.add_argument("--vocab", type=int, default=50304)
-    m.add_argument("--dtype", default="bf16", choices=["fp32", "bf16", "fp16"])
+    m.add_argument("--layers", type=int, default=24, help="transformer layers (default 24)")
+    m.add_argument("--hidden", type=int, default=2048, help="hidden size h (default 2048)")
+    m.add_argument("--heads", type=int, default=16, help="attention heads (default 16)")
+    m.add_argument("--seq", type=int, default=2048, help="sequence length in tokens (default 2048)")
+    m.add_argument("--vocab", type=int, default=50304, help="vocabulary size (default 50304)")
+    m.add_argument("--dtype", default="bf16", choices=["fp32", "bf16", "fp16"], help="activation dtype (default bf16)")
     m.add_argument("--no-flash", action="store_true", help="attention without flash attention (saves the s x s matrix)")
     m.add_argument("--autocast", action="store_true", help="16-bit autocast over an fp32 residual stream")
-    m.add_argument("--no-dropout", action="store_true")
-    m.add_argument("--mlp-ratio", type=int, default=4)
-    m.add_argument("--tp", type=int, default=1)
-    m.add_argument("--pp", type=int, default=1)
-    m.add_argument("--sequence-parallel", action="store_true")
+    m.add_argument("--no-dropout", action="store_true", help="the model has no dropout (no masks saved)")
+    m.add_argument("--mlp-ratio", type=int, default=4, help="MLP width / hidden (default 4)")
+    m.add_argument("--tp", type=int, default=1, help="tensor-parallel size (default 1)")
+    m.add_argument("--pp", type=int, default=1, help="pipeline-parallel stages (default 1)")
+    m.add_argument("--sequence-parallel", action="store_true", help="Megatron sequence parallelism (activations split over tp)")
     m.add_argument("--schedule", default=None, choices=SCHEDULES,
                    help="default: 1f1b when --pp > 1, else no_pipelining")
     m.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="kernel conventions of the activation model")
     m.add_argument("--profile", action="store_true",
                    help="measure the benchmark GPT of these dimensions on this machine instead of the analytic model")
-    m.add_argument("--profile-micro-batch", type=int, default=2)
+    m.add_argument("--profile-micro-batch", type=int, default=2, help="micro-batch used by --profile (default 2)")
     b = ap.add_argument_group("memory and batch")
     b.add_argument("--budget", type=float, help="GiB of GPU memory for activations")
     b.add_argument("--gpu-memory", type=float, help="GiB of GPU memory; model state and --reserve are taken off")
     b.add_argument("--bytes-per-param", type=float, default=18.0, help="model state per parameter (18: bf16 + fp32 Adam)")
     b.add_argument("--reserve", type=float, default=2.0, help="GiB kept back (allocator, workspace)")
     b.add_argument("--global-batch", type=int, help="sequences per step (all data-parallel replicas)")
-    b.add_argument("--dp", type=int, default=1)
+    b.add_argument("--dp", type=int, default=1, help="data-parallel replicas (default 1)")
     b.add_argument("--microbatches", type=int, help="fixed number of micro-batches per step")
     b.add_argument("--rank", type=int, help="pipeline rank to plan for (default: all; the tightest binds)")
-    b.add_argument("--prefetch-depth", type=int, default=2)
+    b.add_argument("--prefetch-depth", type=int, default=2, help="layers read ahead in backward (default 2)")
     b.add_argument("--tflops", type=float, default=400.0, help="achieved TFLOP/s per GPU (compute-time model)")
     d = ap.add_argument_group("drive")
     d.add_argument("--write-gbps", type=float, help="sustained write GB/s of one GPU's spill drive(s) (default 3)")
@@ -660,8 +667,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--tbw", type=float, help="rated endurance, TB written")
     d.add_argument("--dwpd", type=float, help="rated drive writes per day (with --capacity)")
     d.add_argument("--capacity", type=float, help="drive capacity, TB")
-    d.add_argument("--warranty-years", type=float, default=5.0)
-    d.add_argument("--gpus-per-drive", type=float, default=1.0)
+    d.add_argument("--warranty-years", type=float, default=5.0, help="warranty the endurance is rated over (default 5)")
+    d.add_argument("--gpus-per-drive", type=float, default=1.0, help="GPUs sharing one drive (default 1)")
     ap.add_argument("--json", action="store_true", help="print JSON instead of the table")
     ap.add_argument("--output", help="also write the JSON to this file")
     return ap

@@ -2,6 +2,7 @@
 the temporary spill directory, and ``probe``. No timing assertions."""
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import tempfile
@@ -171,3 +172,22 @@ def test_helpers():
         assert n > 0
     assert parameter_count(get_preset("tiny").model) == sum(x.numel() for x in GPT(get_preset("tiny").model).parameters())
     assert 0.9e9 < parameter_count(get_preset("gpu-1b").model) < 1.3e9
+
+
+def test_bare_command_prints_help_and_every_help_is_plain_text(capsys):
+    """``python -m ssdoffload`` alone printed nothing helpful and started a benchmark; help
+    texts showed raw reST (````...````) and some ``plan`` options had no help line."""
+    from ssdoffload.__main__ import build_parser, main
+    from ssdoffload.planner import build_parser as plan_parser
+
+    assert main([]) == 2
+    out = capsys.readouterr().out
+    assert "usage: ssdoffload" in out and "bench" in out and "plan" in out
+    parser = build_parser()
+    subparsers = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)][0]
+    texts = [parser.format_help(), plan_parser().format_help()]
+    texts += [sp.format_help() for name, sp in subparsers.choices.items() if name != "plan"]
+    for text in texts:
+        assert "``" not in text
+    missing = [a.option_strings for a in plan_parser()._actions if not a.help]
+    assert missing == [], f"plan options without a help line: {missing}"

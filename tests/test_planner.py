@@ -110,7 +110,8 @@ def test_in_flight_micro_batches_decide_the_micro_batch():
     keep = {r: by_rank[r]["options"][0]["micro_batch"] for r in range(4)}
     assert keep[0] <= keep[1] <= keep[2]  # more micro-batches in flight: a smaller micro-batch fits
     per_sample = by_rank[0]["activation_bytes_per_sample"]
-    assert keep[0] == int(20 * (1 << 30) // (4 * per_sample))
+    fits = int(20 * (1 << 30) // (4 * per_sample))
+    assert keep[0] == max(d for d in range(1, fits + 1) if 64 % d == 0)  # fits and divides 64
     assert p.option("keep").micro_batch == min(keep.values())
     # recompute and ssd fit more than keep
     assert p.option("recompute").micro_batch > p.option("keep").micro_batch
@@ -192,3 +193,18 @@ def test_probe_drive(tmp_path):
     d = planner.probe_drive(str(tmp_path), nbytes=8 << 20)
     assert d.write_gbps > 0 and d.read_gbps > 0
     assert list(tmp_path.iterdir()) == []
+
+
+def test_micro_batches_multiply_to_the_per_replica_batch():
+    """The README example chose 29 x 3 and 3 x 22 for a batch of 64 per replica."""
+    from ssdoffload.planner import ModelSpec, plan
+
+    spec = ModelSpec(layers=32, hidden=4096, heads=32, seq=4096, vocab=50304, pp=4, schedule="1f1b")
+    result = plan(spec, gpu_memory_gib=80, global_batch=512, dp=8)
+    options = [o for r in result.ranks for o in r["options"]]
+    assert len(options) >= 4
+    for o in options:
+        if o["micro_batch"] > 0:
+            assert o["micro_batch"] * o["num_microbatches"] == 64, o
+    with pytest.raises(ValueError, match="multiple of dp"):
+        plan(spec, gpu_memory_gib=80, global_batch=100, dp=8)
