@@ -29,7 +29,10 @@ setup(
         "deepspeed": ["deepspeed>=0.16"],
         "megatron": ["megatron-core>=0.12"],
         "bench": ["tqdm", "matplotlib"],
-        "test": ["pytest", "hypothesis", "tqdm", "matplotlib", "deepspeed>=0.16", "megatron-core>=0.12"],
+        "hf": ["transformers>=5.0", "accelerate>=1.0"],
+        "lightning": ["lightning>=2.4"],
+        "test": ["pytest", "hypothesis", "tqdm", "matplotlib", "deepspeed>=0.16", "megatron-core>=0.12",
+                 "transformers>=5.0", "accelerate>=1.0", "lightning>=2.4"],
     },
     entry_points={"console_scripts": ["ssdoffload=ssdoffload.__main__:main"]},
 )

@@ -29,6 +29,7 @@ from .adaptive import RAM, SSD, AdaptivePolicy, Plan, StepObservation
 from .cache import OffloadCache, State
 from .config import OffloadConfig
 from .errors import OffloadError
+from .forward_scopes import ForwardScopes
 from .hooks import SavedTensorHooks, ScopeState
 from .io import make_engine
 from .layers import LayerTracker, find_layers
@@ -96,6 +97,7 @@ class Offloader:
         self.adaptive: Optional[AdaptivePolicy] = None
         self.profiler: Optional[StepProfiler] = None
         self._group_bytes_fixed = True
+        self._attached: list = []  # ForwardScopes handles made by attach()
         if not config.enabled:
             return
         self._store = SpillStore(self.paths, config.initial_file_bytes)
@@ -186,6 +188,18 @@ class Offloader:
                 yield self
         finally:
             self._close_scope(scope)
+
+    def attach(self, module: torch.nn.Module) -> ForwardScopes:
+        """Offload during every training forward of ``module`` from now on, for loops that
+        call the model themselves (HF Trainer, accelerate): each outermost forward gets its own
+        micro-batch scope, backward may come later. ``handle.remove()`` (or ``close()``)
+        detaches it."""
+        self._check_open()
+        if not self.enabled:
+            raise OffloadError("this Offloader is disabled (enabled=False); nothing to attach")
+        handle = ForwardScopes(self, module)
+        self._attached.append(handle)
+        return handle
 
     def _open_scope(self, key: Any) -> ScopeState:
         """Make ``key`` the active scope, or raise ``OffloadError`` if one is open. A
@@ -351,6 +365,9 @@ class Offloader:
             return True
         if self.tracker is not None:
             self.tracker.remove()
+        for handle in self._attached:
+            handle.remove()
+        self._attached = []
         if self.engine is not None:
             # Unread entries fail now, on this thread, whatever the drive does: a backward after
             # close() raises instead of waiting on a read.

@@ -108,9 +108,14 @@ def _config(path, **kw):
     return ssdoffload.OffloadConfig(path=path, **kw)
 
 
-def _grads(model, x):
+def _grads(model, x, settle=None):
+    """Gradients of one step; with ``settle`` (an Offloader) its writes finish before backward,
+    so whether a write happens does not depend on who wins the race to the tensor."""
     model.zero_grad(set_to_none=True)
-    model(x).square().mean().backward()
+    loss = model(x).square().mean()
+    if settle is not None:
+        settle.wait()
+    loss.backward()
     return [p.grad.clone() for p in model.parameters()]
 
 
@@ -155,11 +160,11 @@ def test_a_dying_drive_leaves_training_on_the_healthy_one(ext4, tmp_path, when, 
             dying.shutdown()
             with pytest.warns(RuntimeWarning, match="keeping it in memory"):
                 with off.step():
-                    _assert_same(_grads(model, xs[1]), _grads(ref, xs[1]))
+                    _assert_same(_grads(model, xs[1], settle=off), _grads(ref, xs[1]))
             assert off.stats().write_failures >= 1
             written = off.stats().bytes_written
             with off.step():  # the dead file is set aside: everything goes to the healthy one
-                _assert_same(_grads(model, xs[2]), _grads(ref, xs[2]))
+                _assert_same(_grads(model, xs[2], settle=off), _grads(ref, xs[2]))
             assert off.stats().bytes_written > written
             with pytest.raises(ZeroDivisionError):  # the user's error, not the drive's EIO
                 with off.step():
@@ -403,7 +408,7 @@ def test_a_full_drive_keeps_training_exact(ext4):
         with pytest.warns(RuntimeWarning, match="keeping it in memory"):
             with ssdoffload.Offloader(model, _config(os.path.join(fs.root, "spill"), initial_file_bytes=4096)) as off:
                 with off.step():
-                    got = _grads(model, x)
+                    got = _grads(model, x, settle=off)
                 st = off.stats()
         _assert_same(got, _grads(ref, x))
         assert st.bytes_written > 0 and st.write_failures > 0

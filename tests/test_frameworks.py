@@ -1,0 +1,181 @@
+"""The one-line integrations (issue 12, item 5): a tiny random Llama trained through the
+Hugging Face ``Trainer``, accelerate and Lightning, with gradient accumulation, compared with
+the same run without offloading: the trained weights must be bit-identical."""
+import copy
+import os
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+import ssdoffload  # noqa: E402
+from ssdoffload.store import FILE_PREFIX  # noqa: E402
+
+SEQ, VOCAB = 32, 128
+
+
+def _llama():
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=SEQ,
+                      attn_implementation="eager")
+    return LlamaForCausalLM(cfg).train()
+
+
+def _samples(n=24):
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, VOCAB, (n, SEQ), generator=g)
+    return [{"input_ids": row, "labels": row.clone()} for row in ids]
+
+
+def _same_weights(a, b):
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        assert torch.equal(p, q), f"{name} differs after training"
+
+
+def _no_hooks_installed():
+    """No saved-tensor hooks left on this thread's stack (an unbalanced push would route every
+    later forward of the process through a closed offloader)."""
+    return torch._C._autograd._top_saved_tensors_default_hooks(False) is None
+
+
+def _no_spill_files(d):
+    assert not os.path.isdir(d) or not [n for n in os.listdir(d) if n.startswith(FILE_PREFIX)]
+
+
+# -- Hugging Face Trainer ------------------------------------------------------------------
+def _hf_train(model, tmp_path, callbacks, max_steps=3):
+    from transformers import Trainer, TrainingArguments
+
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4,
+                             gradient_accumulation_steps=2, max_steps=max_steps, learning_rate=1e-3,
+                             report_to=[], save_strategy="no", logging_strategy="no", use_cpu=True,
+                             seed=0, dataloader_num_workers=0, disable_tqdm=True)
+    trainer = Trainer(model=model, args=args, train_dataset=_samples(), callbacks=callbacks)
+    trainer.train()
+    return trainer
+
+
+def test_hf_trainer_callback(tmp_path):
+    from ssdoffload.integrations.huggingface import SSDOffloadCallback
+
+    plain, offloaded = _llama(), _llama()
+    _hf_train(plain, tmp_path, [])
+    cb = SSDOffloadCallback(path=str(tmp_path / "act"), min_offload_bytes=4096, policy="all")
+    _hf_train(offloaded, tmp_path, [cb])
+    _same_weights(plain, offloaded)
+    assert cb.stats.tensors_offloaded > 0 and cb.stats.steps >= 5  # 3 steps x 2 micro-batches
+    assert cb.offloader is None
+    _no_spill_files(str(tmp_path / "act"))
+
+
+def test_hf_trainer_exception_in_forward_leaves_nothing_open(tmp_path):
+    from ssdoffload.integrations.huggingface import SSDOffloadCallback
+
+    model = _llama()
+    calls = [0]
+
+    def fail_on_third(module, args):
+        calls[0] += 1
+        if calls[0] == 3:
+            raise RuntimeError("injected failure in forward")
+
+    h = model.model.layers[1].register_forward_pre_hook(fail_on_third)
+    cb = SSDOffloadCallback(path=str(tmp_path / "act"), min_offload_bytes=4096, policy="all")
+    with pytest.raises(RuntimeError, match="injected failure"):
+        _hf_train(model, tmp_path, [cb])
+    h.remove()
+    off = cb.offloader
+    assert off._active_scope is None, "the failed forward left its scope open"
+    assert _no_hooks_installed(), "the failed forward left the saved-tensor hooks pushed"
+    # train() again: the callback starts clean and the run is exact.
+    model2, ref = _llama(), _llama()
+    _hf_train(ref, tmp_path, [])
+    _hf_train(model2, tmp_path, [cb])
+    _same_weights(ref, model2)
+
+
+# -- accelerate ----------------------------------------------------------------------------
+def _accelerate_train(model, path=None):
+    accelerate = pytest.importorskip("accelerate")
+    from ssdoffload.integrations.accelerate import offload_activations
+
+    acc = accelerate.Accelerator(cpu=True, gradient_accumulation_steps=2)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    loader = torch.utils.data.DataLoader(_samples(), batch_size=4, shuffle=False,
+                                         collate_fn=lambda rows: {k: torch.stack([r[k] for r in rows]) for k in rows[0]})
+    model, opt, loader = acc.prepare(model, opt, loader)
+    off = offload_activations(acc, model, path=path, min_offload_bytes=4096, policy="all") if path else None
+    for batch in loader:
+        with acc.accumulate(model):
+            loss = model(**batch).loss
+            acc.backward(loss)
+            opt.step()
+            opt.zero_grad()
+    stats = off.stats() if off is not None else None
+    if off is not None:
+        off.close()
+    return stats
+
+
+def test_accelerate_one_call(tmp_path):
+    plain, offloaded = _llama(), _llama()
+    _accelerate_train(plain)
+    stats = _accelerate_train(offloaded, str(tmp_path / "act"))
+    _same_weights(plain, offloaded)
+    assert stats.tensors_offloaded > 0
+    _no_spill_files(str(tmp_path / "act"))
+
+
+# -- Lightning -----------------------------------------------------------------------------
+def _lightning_train(model, tmp_path, callbacks, fail_at=None):
+    lightning = pytest.importorskip("lightning")
+
+    class Module(lightning.LightningModule):
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+
+        def training_step(self, batch, batch_idx):
+            if fail_at is not None and batch_idx == fail_at:
+                raise RuntimeError("injected failure in training_step")
+            return self.net(**batch).loss
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW(self.parameters(), lr=1e-3)
+
+    loader = torch.utils.data.DataLoader(_samples(), batch_size=4, shuffle=False,
+                                         collate_fn=lambda rows: {k: torch.stack([r[k] for r in rows]) for k in rows[0]})
+    trainer = lightning.Trainer(max_steps=3, accumulate_grad_batches=2, accelerator="cpu", devices=1,
+                                logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                                enable_model_summary=False, callbacks=callbacks,
+                                default_root_dir=str(tmp_path / "pl"))
+    trainer.fit(Module(model), loader)
+
+
+def test_lightning_callback(tmp_path):
+    pytest.importorskip("lightning")
+    from ssdoffload.integrations.lightning import SSDOffloadCallback
+
+    plain, offloaded = _llama(), _llama()
+    _lightning_train(plain, tmp_path, [])
+    cb = SSDOffloadCallback(path=str(tmp_path / "act"), min_offload_bytes=4096, policy="all")
+    _lightning_train(offloaded, tmp_path, [cb])
+    _same_weights(plain, offloaded)
+    assert cb.stats.tensors_offloaded > 0 and cb.offloader is None
+    _no_spill_files(str(tmp_path / "act"))
+
+
+def test_lightning_exception_closes_the_step(tmp_path):
+    pytest.importorskip("lightning")
+    from ssdoffload.integrations.lightning import SSDOffloadCallback
+
+    cb = SSDOffloadCallback(path=str(tmp_path / "act"), min_offload_bytes=4096, policy="all")
+    model = _llama()
+    with pytest.raises(RuntimeError, match="injected failure"):
+        _lightning_train(model, tmp_path, [cb], fail_at=3)
+    assert cb.offloader is None and cb._scope is None
+    _no_spill_files(str(tmp_path / "act"))
+    assert _no_hooks_installed(), "the failed step left the saved-tensor hooks pushed"
