@@ -1,7 +1,6 @@
 """The one-line integrations (issue 12, item 5): a tiny random Llama trained through the
 Hugging Face ``Trainer``, accelerate and Lightning, with gradient accumulation, compared with
 the same run without offloading: the trained weights must be bit-identical."""
-import copy
 import os
 
 import pytest
@@ -10,7 +9,6 @@ import torch
 transformers = pytest.importorskip("transformers")
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-import ssdoffload  # noqa: E402
 from ssdoffload.store import FILE_PREFIX  # noqa: E402
 
 SEQ, VOCAB = 32, 128
