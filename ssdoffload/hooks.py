@@ -149,6 +149,11 @@ class SavedTensorHooks:
         return torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
 
     def pack(self, tensor: torch.Tensor) -> Any:
+        if torch.compiler.is_compiling():
+            # torch.compile tracing a region under our hooks (fake tensors, no storage): keep
+            # them out of the graph. At run time the compiled region's own saved tensors come
+            # through this hook eagerly and are offloaded then.
+            return tensor
         self.cache.releases.drain()
         scope = self.scope
         decision = decide(tensor, self.param_keys, self.config.min_offload_bytes, in_backward())
@@ -200,6 +205,8 @@ class SavedTensorHooks:
         scope.filled += nbytes
 
     def unpack(self, packed: Any) -> torch.Tensor:
+        if isinstance(packed, torch.Tensor):  # kept as is (also what pack returns while tracing)
+            return packed
         self.cache.releases.drain()
         if not isinstance(packed, Handle):
             if isinstance(packed, Saved):

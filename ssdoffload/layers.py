@@ -64,11 +64,13 @@ class LayerTracker:
         return self._index[id(module)]
 
     def _pre_hook(self, module: torch.nn.Module, args) -> None:
+        if torch.compiler.is_compiling():
+            return  # traced into a compiled graph: it would not run per call (see offloader)
         if self.active and not in_backward():
             self._on_enter(self._index[id(module)])
 
     def _post_hook(self, module: torch.nn.Module, args, output) -> None:
-        if not self.active or in_backward():
+        if torch.compiler.is_compiling() or not self.active or in_backward():
             return
         token = self._on_exit(self._index[id(module)])
         if token is None:

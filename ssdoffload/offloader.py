@@ -98,6 +98,7 @@ class Offloader:
         self.profiler: Optional[StepProfiler] = None
         self._group_bytes_fixed = True
         self._attached: list = []  # ForwardScopes handles made by attach()
+        self._layer_seen = False   # a layer hook ran (False after a step: compiled, see end_step)
         if not config.enabled:
             return
         self._store = SpillStore(self.paths, config.initial_file_bytes)
@@ -269,11 +270,29 @@ class Offloader:
         ``policy="adaptive"``, feed the step's measurements to the plan (which may change for
         the next step: see ``plan()``)."""
         self._release_dead()
-        if self._groups_by_bytes() and not self._group_bytes_fixed and not self._closed:
+        if self._layers_silent() and not self._closed:
+            # Layer hooks that never fire: the model (or each block) was torch.compile'd, and
+            # module hooks traced into a graph do not run per call. Group by bytes instead.
+            log.warning("ssdoffload: the %d layers' hooks did not run in a step that offloaded "
+                        "tensors (torch.compile traces module hooks into its graph); grouping "
+                        "saved tensors by bytes instead. If the whole model is one compiled "
+                        "region, its backward is one autograd node that needs every saved tensor "
+                        "at once, so offloading cannot lower the peak: compile each block instead "
+                        "(block.compile(), as torchtitan does)", len(self.layers))
+            self.hooks.group_bytes = _FIRST_GROUP_BYTES
+            self._group_bytes_fixed = False
+            self._size_byte_groups()
+        elif self._groups_by_bytes() and not self._group_bytes_fixed and not self._closed:
             self._size_byte_groups()
         elif self.adaptive is not None and not self._closed:
             self._replan()
         return self._stats.end_step()
+
+    def _layers_silent(self) -> bool:
+        """Layers are tracked, this step offloaded tensors, yet no layer was ever entered."""
+        if not self.enabled or self.hooks.group_bytes is not None or not self.layers or self._layer_seen:
+            return False
+        return self._stats.snapshot("step").tensors_offloaded > 0
 
     def _groups_by_bytes(self) -> bool:
         return self.enabled and self.hooks.group_bytes is not None
@@ -524,6 +543,7 @@ class Offloader:
             self._stats.set(plan_version=plan.version)
 
     def _enter_layer(self, index: int) -> None:
+        self._layer_seen = True
         scope = self.hooks.scope
         if scope is not None:
             scope.group += 1
