@@ -191,3 +191,16 @@ def test_bare_command_prints_help_and_every_help_is_plain_text(capsys):
         assert "``" not in text
     missing = [a.option_strings for a in plan_parser()._actions if not a.help]
     assert missing == [], f"plan options without a help line: {missing}"
+
+
+def test_optimum_line_sits_at_the_lowest_peak_the_bandwidth_allows():
+    """The memory plot drew 'keep - optimum' at y = 0 whenever the drive could hide full
+    offload; the lowest peak is what is never offloadable plus at least one layer's
+    activations (backward needs them), or what the bandwidth cannot hide if that is more."""
+    from ssdoffload.bench.plots import optimum_memory_bytes
+
+    bound = {"offloadable_bytes": 600.0, "optimum_bytes": 600.0}
+    assert optimum_memory_bytes(650.0, bound, layers=6) == 50.0 + 100.0
+    bound = {"offloadable_bytes": 600.0, "optimum_bytes": 200.0}  # bandwidth hides a third
+    assert optimum_memory_bytes(650.0, bound, layers=6) == 50.0 + 400.0
+    assert optimum_memory_bytes(650.0, {"offloadable_bytes": 600.0, "optimum_bytes": 600.0}, None) == 50.0

@@ -21,40 +21,54 @@ def memory_vs_time(report: dict, path: str) -> str:
     """Each strategy at (median step time, peak memory), with the step-time range as a bar."""
     plt = _plt()
     cuda = report["device"].startswith("cuda")
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(8.8, 4.5))
     for name, s in report["strategies"].items():
         mem = s.get("cuda_peak_bytes") if cuda else s.get("peak_activation_bytes")
         if mem is None:
             continue
         st = s["step_seconds"]
         x, y = st["median"], mem / 2**20
+        # Named in the legend (outside the axes), not next to the points: close points made
+        # their labels overlap.
         ax.errorbar([x], [y], xerr=[[x - st["min"]], [st["max"] - x]], fmt="o", ms=8, capsize=4,
-                    color=COLORS.get(name), label=name)
-        ax.annotate(name, (x, y), textcoords="offset points", xytext=(6, 6), fontsize=9)
+                    color=COLORS.get(name), label=f"{name}: {st['median']:.3f} s, {y:.0f} MiB")
     b = report.get("bandwidth_bound")
     keep = report["strategies"].get("keep")
     if b and keep:
         keep_mem = (keep.get("cuda_peak_bytes") if cuda else keep.get("peak_activation_bytes")) or 0
-        ax.axhline((keep_mem - b["optimum_bytes"]) / 2**20, ls="--", color="grey", lw=1,
-                   label="keep - bandwidth-bound optimum")
+        floor = optimum_memory_bytes(keep_mem, b, report["preset"].get("model", {}).get("layers"))
+        ax.axhline(floor / 2**20, ls="--", color="grey", lw=1,
+                   label=f"bandwidth-bound optimum: {floor / 2**20:.0f} MiB")
     ax.set_xlabel("step time, s (median; bar: min-max)")
     ax.set_ylabel("peak GPU memory, MiB" if cuda else "peak resident activation memory, MiB")
     ax.set_ylim(bottom=0)
     p = report["preset"]
     ax.set_title(f"{p['name']}: memory vs step time ({report['device']})")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
 
 
+def optimum_memory_bytes(keep_bytes: float, bound: dict, layers) -> float:
+    """The lowest peak the drive's bandwidth allows: what is never offloadable (keep's peak
+    less the offloadable bytes), plus what the bandwidth cannot hide, and never less than one
+    layer's activations (backward of a layer needs them in memory; without a layer count, no
+    such floor)."""
+    offloadable = bound["offloadable_bytes"]
+    never = max(0.0, keep_bytes - offloadable)
+    unhidden = offloadable - bound["optimum_bytes"]
+    one_layer = offloadable / layers if layers else 0.0
+    return never + max(unhidden, one_layer)
+
+
 def timeline(report: dict, path: str) -> str:
     """One ssd step: compute (forward per layer, backward), writes, reads and stalls."""
     plt = _plt()
     tl = report["timeline"]
-    fig, ax = plt.subplots(figsize=(10, 3.6))
+    fig, ax = plt.subplots(figsize=(10, 4.0))
     lanes = {"compute": 3, "write": 2, "read": 1, "stall": 0}
     f0, f1 = tl["forward"]
     b0, b1 = tl["backward"]
@@ -77,7 +91,8 @@ def timeline(report: dict, path: str) -> str:
     ax.set_xlabel("seconds from the start of the step")
     note = " (layers synchronized for the plot)" if tl.get("synchronized_layers") else ""
     ax.set_title(f"one {tl['strategy']} step: compute and I/O overlap{note}")
-    ax.legend(fontsize=8, loc="upper right", ncol=3)
+    # Below the axes: inside, it covered the backward bar.
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=6, frameon=False)
     ax.set_xlim(0, max(b1, max((t["end"] for t in tl["transfers"]), default=b1)) * 1.02)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
