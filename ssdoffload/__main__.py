@@ -123,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--io-threads", type=int, default=4, help="I/O threads")
     pr.add_argument("--repeats", type=int, default=1, help="best of this many passes")
     pr.add_argument("--no-demand", action="store_true", help="skip measuring the preset's demand")
+    pr.add_argument("--tflops", type=float, default=400.0,
+                    help="achieved TFLOP/s assumed for a GPU preset on a host without a GPU (default 400)")
     _add_model_options(pr)
 
     sub.add_parser("plan", help="micro-batch and bandwidth planner", add_help=False)
@@ -175,14 +177,21 @@ def _probe(args: argparse.Namespace) -> int:
           f"{'O_DIRECT' if result.direct else 'buffered: the filesystem refuses O_DIRECT'})")
     if args.no_demand:
         return 0
-    from .bench.demand import measure_demand
+    from .bench.demand import analytic_demand, measure_demand
 
     device = resolve_device(args.device)
     preset = resolve_preset(BenchOptions(preset=args.preset, overrides=_overrides(args)), device)
-    with torch_threads(args.threads or default_threads(device)):
-        d = measure_demand(preset, device, seed=args.seed)
+    if preset.for_device == "cuda" and device.type != "cuda":
+        # A GPU model on a CPU host: computed from its shape, not built (it may not fit in RAM).
+        d = analytic_demand(preset, tflops=args.tflops)
+        print(f"preset {preset.name} is for a GPU and this host has none: its demand is computed "
+              f"from the activation model at {args.tflops:g} TFLOP/s, not measured")
+    else:
+        with torch_threads(args.threads or default_threads(device)):
+            d = measure_demand(preset, device, seed=args.seed)
     frac = d.movable_fraction(result.write_bytes_per_s, result.read_bytes_per_s)
-    print(f"preset {preset.name}, micro-batch {preset.micro_batch} on {device}: "
+    where = "computed for a GPU" if preset.for_device == "cuda" and device.type != "cuda" else f"on {device}"
+    print(f"preset {preset.name}, micro-batch {preset.micro_batch} {where}: "
           f"{d.offloadable_bytes / 2**20:.1f} MiB offloadable activations per step; forward "
           f"{d.forward_seconds:.3f} s, backward {d.backward_seconds:.3f} s")
     print(f"to hide all I/O it needs {d.write_bytes_per_s / 1e9:.2f} GB/s write and "

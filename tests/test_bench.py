@@ -204,3 +204,15 @@ def test_optimum_line_sits_at_the_lowest_peak_the_bandwidth_allows():
     bound = {"offloadable_bytes": 600.0, "optimum_bytes": 200.0}  # bandwidth hides a third
     assert optimum_memory_bytes(650.0, bound, layers=6) == 50.0 + 400.0
     assert optimum_memory_bytes(650.0, {"offloadable_bytes": 600.0, "optimum_bytes": 600.0}, None) == 50.0
+
+
+def test_probe_of_a_gpu_preset_on_a_cpu_host_computes_instead_of_building(tmp_path, capsys):
+    """``probe --preset gpu-1b`` on a CPU built the 1.1 B model (22 GB of RAM, then killed)."""
+    from ssdoffload.__main__ import main
+
+    if torch.cuda.is_available():
+        pytest.skip("with a GPU the preset runs for real")
+    assert main(["probe", str(tmp_path / "d"), "--size", "8M", "--preset", "gpu-1b"]) == 0
+    out = capsys.readouterr().out
+    assert "computed from the activation model" in out and "computed for a GPU" in out
+    assert "offloadable activations per step" in out

@@ -63,3 +63,24 @@ def measure_demand(preset: Preset, device: torch.device, seed: int = 0, steps: i
                   offloadable_bytes=mem.offloadable_bytes,
                   forward_seconds=statistics.median(r.forward_seconds for r in recs),
                   backward_seconds=statistics.median(r.backward_seconds for r in recs))
+
+
+def analytic_demand(preset: Preset, tflops: float) -> Demand:
+    """The demand computed from the model's shape (``planner.spec_profile``: the activation
+    model counts saved tensors per layer, compute time from FLOPs at ``tflops``) instead of
+    running it: for a GPU preset asked about on a host that cannot run it (``probe --preset
+    gpu-1b`` on a CPU built a 1.1 B model and died of memory)."""
+    from ..planner import ModelSpec, spec_profile
+
+    m = preset.model
+    dtype = "bf16" if preset.dtype == "bfloat16" else "fp32"
+    spec = ModelSpec(layers=m.layers, hidden=m.hidden, heads=m.heads, seq=m.seq, vocab=m.vocab,
+                     dtype=dtype, autocast=preset.dtype == "bfloat16", dropout=m.dropout > 0,
+                     mlp_ratio=m.mlp_ratio, pp=1, schedule="no_pipelining")
+    prof = spec_profile(spec, tflops=tflops)
+    b = preset.micro_batch
+    total = (sum(prof.layer_bytes) + prof.other_bytes) * b
+    return Demand(preset=preset.name, micro_batch=b, activation_bytes=int(total),
+                  offloadable_bytes=int(total - prof.small_bytes * b),
+                  forward_seconds=prof.forward_seconds * b, backward_seconds=prof.backward_seconds * b)
+
