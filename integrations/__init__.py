@@ -7,6 +7,10 @@ so ``import ssdoffload`` stays light:
   config, read by ``initialize(...)`` (same arguments and results as ``deepspeed.initialize``);
   covers ``DeepSpeedEngine`` (ZeRO 0/1/2, bf16, gradient accumulation) and ``PipelineEngine``
   (1F1B ``TrainSchedule``, activation checkpointing). Example: ``integrations/examples/deepspeed/``.
+* ``ssdoffload.integrations.megatron`` — Megatron-core pipeline schedules.
+* ``ssdoffload.integrations.huggingface`` — ``SSDOffloadCallback`` for the ``transformers.Trainer``.
+* ``ssdoffload.integrations.accelerate`` — ``offload_activations(accelerator, model, ...)``.
+* ``ssdoffload.integrations.lightning`` — ``SSDOffloadCallback`` for ``lightning.Trainer``.
 """
 
-__all__ = ["deepspeed"]
+__all__ = ["deepspeed", "megatron", "huggingface", "accelerate", "lightning"]
