@@ -58,6 +58,7 @@
 #include <pthread.h>
 #include <signal.h>
 #include <sys/types.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -192,6 +193,33 @@ struct Bounce {
     ~Bounce() { std::free(ptr); }
 };
 
+// Copies n bytes of this process's memory from src to dst through the kernel
+// (process_vm_readv on ourselves).  Returns 0, or EFAULT when part of src is no
+// longer mapped: the compute thread may free a storage (resize_(0), as FSDP does)
+// while we read it, and a plain memcpy would then kill the process with SIGSEGV.
+// Freed-but-mapped memory is read as garbage; the caller detects that (the
+// storage's address or size changed) and drops what it wrote.
+int copy_from_own_memory(void* dst, const void* src, size_t n) {
+    const pid_t self = getpid();
+    size_t done = 0;
+    while (done < n) {
+        struct iovec local = {static_cast<char*>(dst) + done, n - done};
+        struct iovec remote = {const_cast<char*>(static_cast<const char*>(src)) + done, n - done};
+        ssize_t got = process_vm_readv(self, &local, 1, &remote, 1, 0);
+        if (got < 0) {
+            if (errno == EINTR) continue;
+            if (errno == ENOSYS || errno == EPERM) {  // no such syscall here: plain copy
+                std::memcpy(static_cast<char*>(dst) + done, static_cast<const char*>(src) + done, n - done);
+                return 0;
+            }
+            return errno;
+        }
+        if (got == 0) return EFAULT;
+        done += static_cast<size_t>(got);
+    }
+    return 0;
+}
+
 // Runs one chunk.  Returns 0 or an errno / kShortRead; fills *got for reads.
 int run_chunk_io(const Pool& pool, const RequestState& r, size_t index, Bounce& bounce,
                  size_t* got) {
@@ -228,7 +256,8 @@ int run_chunk_io(const Pool& pool, const RequestState& r, size_t index, Bounce& 
     const size_t padded = round_up_align(tail);  // <= chunk_bytes
     const long long tail_off = off + static_cast<long long>(direct_len);
     if (r.is_write) {
-        std::memcpy(bb, mem + direct_len, tail);
+        int crc = copy_from_own_memory(bb, mem + direct_len, tail);
+        if (crc != 0) return crc;
         std::memset(bb + tail, 0, padded - tail);
         return write_full(r.fd, bb, padded, tail_off);
     }
@@ -1077,9 +1106,50 @@ PyObject* module_crc32c(PyObject* /*module*/, PyObject* args, PyObject* kwds) {
     return PyLong_FromUnsignedLong(crc);
 }
 
+PyDoc_STRVAR(copy_doc,
+"copy(dst, src, nbytes)\n--\n\n"
+"Blocks (GIL released): copies `nbytes` bytes of this process's memory from the\n"
+"integer address `src` to `dst` through the kernel, so a source another thread\n"
+"freed and unmapped meanwhile raises OSError(EFAULT) instead of crashing the\n"
+"process.  `dst` must be valid memory of at least `nbytes`.");
+
+PyObject* module_copy(PyObject* /*module*/, PyObject* args, PyObject* kwds) {
+    static const char* kwlist[] = {"dst", "src", "nbytes", nullptr};
+    PyObject* dst_obj;
+    PyObject* src_obj;
+    PyObject* nbytes_obj;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOO:copy", const_cast<char**>(kwlist),
+                                     &dst_obj, &src_obj, &nbytes_obj))
+        return nullptr;
+    uintptr_t dst, src;
+    long long nbytes;
+    if (!as_address(dst_obj, &dst) || !as_address(src_obj, &src)) return nullptr;
+    if (!as_long_long(nbytes_obj, "nbytes", &nbytes)) return nullptr;
+    if (nbytes < 0) {
+        PyErr_Format(PyExc_ValueError, "nbytes must be >= 0, got %lld", nbytes);
+        return nullptr;
+    }
+    if (nbytes > 0 && (dst == 0 || src == 0)) {
+        PyErr_SetString(PyExc_ValueError, "addresses must not be 0 (NULL) when nbytes > 0");
+        return nullptr;
+    }
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = copy_from_own_memory(reinterpret_cast<void*>(dst), reinterpret_cast<const void*>(src),
+                              static_cast<size_t>(nbytes));
+    Py_END_ALLOW_THREADS
+    if (rc != 0) {
+        errno = rc;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    Py_RETURN_NONE;
+}
+
 PyMethodDef module_methods[] = {
     {"crc32c", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(module_crc32c)),
      METH_VARARGS | METH_KEYWORDS, crc32c_doc},
+    {"copy", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(module_copy)),
+     METH_VARARGS | METH_KEYWORDS, copy_doc},
     {nullptr, nullptr, 0, nullptr},
 };
 

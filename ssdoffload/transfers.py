@@ -234,6 +234,10 @@ class Transfers:
         except (OSError, RuntimeError) as exc:
             if clock is not None:
                 self.stats.add(write_seconds=clock.stop())
+            if token is not None and not token.unchanged(src.untyped_storage()):
+                # Freed or moved under the copy (EFAULT from the engine): not a drive fault.
+                self._storage_changed(entry)
+                return
             if not isinstance(exc, OSError):
                 exc = OSError(str(exc))
             self._write_failed(entry, exc, extent_allocated=True)

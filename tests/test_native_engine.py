@@ -792,3 +792,44 @@ def test_crc32c_software_and_hardware_paths_agree(tmp_path):
     assert impl == "slicing-by-8"
     assert int(full) == _native.crc32c(data.ctypes.data, data.size)
     assert int(shifted) == _native.crc32c(data.ctypes.data + 3, data.size - 3)
+
+
+def test_reading_memory_freed_under_a_write_is_an_error_not_a_crash(tmp_path):
+    """Fuzzer find (``storage_roundtrip_``: a saved storage resized to 0 and back while its
+    write ran): the bounce copy of an unaligned source, and the verify path's copy, read memory
+    the compute thread had unmapped, and the process died of SIGSEGV. They copy through the
+    kernel now, which answers EFAULT; the write job then sees the storage changed and keeps
+    it in memory, as for any storage resized under a write."""
+    script = textwrap.dedent(f"""
+        import errno, mmap, ctypes, os, sys
+        sys.path.insert(0, {os.path.dirname(os.path.dirname(os.path.abspath(__file__)))!r})
+        from ssdoffload import _native
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.mmap.restype = ctypes.c_void_p
+        libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+        # Mapped with no access (and kept so: nothing else can be placed there): reading it
+        # faults as reading a freed, unmapped storage does.
+        gone = libc.mmap(None, 1 << 20, 0, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)  # PROT_NONE
+        assert gone not in (None, ctypes.c_void_p(-1).value)
+        dst = ctypes.create_string_buffer(8192)
+        try:
+            _native.copy(ctypes.addressof(dst), gone + 64, 4096)
+        except OSError as exc:
+            assert exc.errno == errno.EFAULT, exc
+        else:
+            raise SystemExit("copy from unmapped memory did not fail")
+        path = os.path.join({str(tmp_path)!r}, "f")
+        fd = os.open(path, os.O_CREAT | os.O_RDWR | getattr(os, "O_DIRECT", 0), 0o600)
+        os.ftruncate(fd, 1 << 20)
+        engine = _native.Engine(2, 1 << 20)
+        try:
+            engine.write(fd, gone + 64, 8192, 0).result()  # unaligned: the bounce path
+        except OSError as exc:
+            assert exc.errno == errno.EFAULT, exc
+        else:
+            raise SystemExit("write from unmapped memory did not fail")
+        engine.close()
+        print("ok")
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", (out.returncode, out.stderr[-2000:])

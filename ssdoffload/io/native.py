@@ -8,7 +8,6 @@ uses this engine.
 """
 from __future__ import annotations
 
-import ctypes
 import threading
 from typing import List, Optional
 
@@ -108,7 +107,9 @@ class NativeHostBackend(Backend):
             base, nbytes, step = src.data_ptr(), src.numel(), self.piece_bytes
             for start in range(0, nbytes, step):
                 n = min(step, nbytes - start)
-                ctypes.memmove(buf.data_ptr(), base + start, n)  # releases the GIL
+                # Through the kernel, GIL released: a storage the compute thread frees
+                # meanwhile (resize_(0)) raises EFAULT here instead of crashing the process.
+                _native.copy(buf.data_ptr(), base + start, n)
                 crcs.append(_native.crc32c(buf.data_ptr(), n))
                 self.engine.write_at(buf.data_ptr(), n, extent, start).result()
         finally:
