@@ -177,3 +177,35 @@ def test_lightning_exception_closes_the_step(tmp_path):
     assert cb.offloader is None and cb._scope is None
     _no_spill_files(str(tmp_path / "act"))
     assert _no_hooks_installed(), "the failed step left the saved-tensor hooks pushed"
+
+
+@pytest.mark.slow
+def test_hf_trainer_with_its_own_deepspeed_config_honours_the_block(tmp_path):
+    """The Trainer calls ``deepspeed.initialize`` itself; ``SSDOffloadCallback()`` reads the
+    ``ssd_offload`` block from that config. One rank over gloo on the CPU (DS_ACCELERATOR=cpu)."""
+    import json
+    import socket
+    import subprocess
+    import sys
+
+    pytest.importorskip("deepspeed")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    report = tmp_path / "report.json"
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=root)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1", f"--master_port={port}",
+           os.path.join(root, "tests", "workers", "hf_deepspeed_worker.py"), str(report), str(tmp_path)]
+    proc = subprocess.run(cmd, env=env, cwd=str(tmp_path), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0 and report.exists(), proc.stderr[-6000:]
+    got = json.loads(report.read_text())
+    assert got["same"], "weights differ from the same DeepSpeed Trainer run without offloading"
+    assert got["tensors_offloaded"] > 0 and got["left"] == []
+
+
+def test_hf_callback_without_settings_needs_the_block(tmp_path):
+    from ssdoffload.integrations.huggingface import SSDOffloadCallback
+
+    with pytest.raises(ValueError, match="no DeepSpeed config"):
+        _hf_train(_llama(), tmp_path, [SSDOffloadCallback()])
