@@ -158,9 +158,9 @@ class SavedTensorHooks:
         scope = self.scope
         decision = decide(tensor, self.param_keys, self.config.min_offload_bytes, in_backward())
         if decision is Decision.OFFLOAD and (scope is None or self.transfers.closed):
-            decision = Decision.LAYER_KEPT
+            decision = Decision.NO_SCOPE if scope is None else Decision.CLOSED
         if decision is not Decision.OFFLOAD:
-            self.stats.add(tensors_kept=1, bytes_kept=saved_nbytes(tensor))
+            self.stats.kept(decision.value, saved_nbytes(tensor))
             return keep(tensor)
         # A forward after a backward in the same scope (gradient accumulation inside one
         # step()): the backward's prefetch state must not make the new writes stay in memory.
@@ -177,7 +177,7 @@ class SavedTensorHooks:
             return self.cache.new_handle(entry, tensor)
         place = self.placement(scope)
         if place == "device":
-            self.stats.add(tensors_kept=1, bytes_kept=nbytes, plan_kept_bytes=nbytes)
+            self.stats.kept(Decision.LAYER_KEPT.value, nbytes, plan=True)
             kept = Kept(tensor, scope.key)
             self._kept.add(key, nbytes)
             self.cache.releases.watch(kept, self._kept.drop, key)

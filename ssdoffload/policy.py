@@ -33,7 +33,9 @@ class Decision(enum.Enum):
     TOO_SMALL = "below min_offload_bytes"
     UNSUPPORTED = "unsupported tensor kind"
     IN_BACKWARD = "saved during backward"
-    LAYER_KEPT = "layer kept on the device"
+    LAYER_KEPT = "plan keeps its layer on the device"
+    NO_SCOPE = "saved outside any step or micro-batch scope"
+    CLOSED = "offloader closed"
 
 
 def _plain_storage_key(t: torch.Tensor) -> Optional[Tuple[str, int]]:

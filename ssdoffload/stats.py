@@ -52,6 +52,11 @@ class OffloadStats:
     #: The adaptive plan in force at the end of the step (0: none yet) and plan changes.
     plan_version: int = 0
     replans: int = 0
+    #: Why saved tensors were kept in memory: reason -> [tensors, bytes]. The reasons are
+    #: ``policy.Decision`` values ("parameter", "below min_offload_bytes", "saved during
+    #: backward", ...) and "plan keeps its layer on the device" — the answer to "why did my
+    #: memory not go down?".
+    kept_by_reason: dict = field(default_factory=dict)
 
     @property
     def write_bandwidth(self) -> float:
@@ -102,6 +107,18 @@ class StatsCollector:
                 setattr(self.step, name, getattr(self.step, name) + value)
                 setattr(self.total, name, getattr(self.total, name) + value)
 
+    def kept(self, reason: str, nbytes: int, plan: bool = False) -> None:
+        """A saved tensor of ``nbytes`` stayed in memory because of ``reason``."""
+        with self._lock:
+            for s in (self.step, self.total):
+                s.tensors_kept += 1
+                s.bytes_kept += nbytes
+                if plan:
+                    s.plan_kept_bytes += nbytes
+                slot = s.kept_by_reason.setdefault(reason, [0, 0])
+                slot[0] += 1
+                slot[1] += nbytes
+
     def resident(self, delta: int) -> None:
         """Track offloadable bytes held in memory, and their peak."""
         with self._lock:
@@ -129,17 +146,22 @@ class StatsCollector:
             self.step.steps = 1
             self.total.steps += 1
             done = self.step
-            self.last_step = dataclasses.replace(done)
+            self.last_step = _copy(done)
             self.step = OffloadStats(resident_bytes=done.resident_bytes,
                                      peak_resident_bytes=done.resident_bytes,
                                      host_tier_bytes=done.host_tier_bytes,
                                      peak_host_tier_bytes=done.host_tier_bytes,
                                      plan_version=done.plan_version)
-            return dataclasses.replace(done)
+            return _copy(done)
 
     def snapshot(self, which: str = "total") -> OffloadStats:
         with self._lock:
-            return dataclasses.replace(getattr(self, which))
+            return _copy(getattr(self, which))
+
+
+def _copy(stats: OffloadStats) -> OffloadStats:
+    """A copy that shares nothing mutable with the live record."""
+    return dataclasses.replace(stats, kept_by_reason={k: list(v) for k, v in stats.kept_by_reason.items()})
 
 
 @dataclass(frozen=True)

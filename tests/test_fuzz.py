@@ -93,6 +93,7 @@ def _settings(test):
     return test
 
 
+@pytest.mark.slow  # 300 programs, ~18 s: CI runs it; the fast developer run does not
 @_settings
 @given(program=programs(kinds=_kinds(), **_pins()))
 def test_offloaded_autograd_matches_plain(program, fuzz_root):

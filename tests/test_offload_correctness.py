@@ -263,3 +263,26 @@ def test_queued_writes_do_not_keep_freed_activations_alive(spill_dir):
     for a, b in zip(reference[1][0], grads):
         assert torch.equal(a, b)
     assert off.stats().writes_skipped > 0
+
+
+def test_stats_say_why_tensors_were_kept(spill_dir):
+    """``policy.decide`` knew why a tensor stayed in memory and the pack hook dropped it; the
+    reasons (tensors and bytes) are in ``OffloadStats.kept_by_reason`` now."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(512, 512), nn.GELU(), nn.Linear(512, 8))
+    x = torch.randn(256, 512)
+    cfg = ssdoffload.OffloadConfig(path=spill_dir, min_offload_bytes=64 << 10, policy="all")
+    with ssdoffload.Offloader(model, cfg) as off:
+        with off.step():
+            model(x).square().mean().backward()
+        st = off.last_step_stats()
+        live = off.current_step_stats()
+    reasons = st.kept_by_reason
+    assert reasons["parameter"][0] >= 1  # the second weight (W.t(), for the input's gradient)
+    assert reasons["below min_offload_bytes"][0] >= 1  # the (256, 8) output of the last layer
+    assert sum(n for n, _ in reasons.values()) == st.tensors_kept
+    assert sum(b for _, b in reasons.values()) == st.bytes_kept
+    assert st.tensors_offloaded > 0
+    reasons["parameter"][0] += 1000  # a snapshot shares nothing with the live record
+    assert off.last_step_stats().kept_by_reason["parameter"][0] < 1000
+    assert live.kept_by_reason == {}
