@@ -319,7 +319,7 @@ class MegatronOffload:
 
     def _backward_started(self, state: _StepState, mb: int, grad: torch.Tensor) -> None:
         """Gradient reached micro-batch ``mb``'s stage output: its backward is starting."""
-        if self.offloader._closed:
+        if self.offloader.closed:
             return None
         state.backwards_started.add(mb)
         self.offloader.prefetch(state.key(mb))  # no-op when already prefetched
@@ -342,7 +342,7 @@ class MegatronOffload:
 
     def _first_layer_backward(self, state: _StepState, mb: int, grad: torch.Tensor) -> None:
         """Backward of ``mb`` reached the stage's first layer: prefetch the next backward."""
-        if not self.offloader._closed:
+        if not self.offloader.closed:
             self._prefetch_after(state, "B", mb)
         return None
 

@@ -60,7 +60,7 @@ def default_offloader(path: Union[str, Sequence[str], None] = None, **config: An
     key = repr((path, sorted(config.items())))
     with _lock:
         off = _offloaders.get(key)
-        if off is None or off._closed:
+        if off is None or off.closed:
             off = _offloaders[key] = Offloader(None, OffloadConfig(path=path, **config))
         return off
 

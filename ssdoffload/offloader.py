@@ -147,6 +147,11 @@ class Offloader:
         return self.config.enabled
 
     @property
+    def closed(self) -> bool:
+        """Whether ``close()`` was called (a closed Offloader refuses new scopes)."""
+        return self._closed
+
+    @property
     def layers(self) -> list:
         return self.tracker.layers if self.tracker is not None else []
 
