@@ -131,7 +131,9 @@ _CHILD = textwrap.dedent("""
                files=leftovers())
     try:
         with off.step():
-            model(torch.randn(512, 256)).sum().backward()
+            loss = model(torch.randn(512, 256)).sum()
+            off.wait()  # the writes happen (not skipped because backward freed them first)
+            loss.backward()
         written = off.stats().bytes_written
     except Exception as e:
         report(where="step", type=type(e).__name__, message=str(e), limit=limit)
