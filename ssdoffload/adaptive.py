@@ -354,14 +354,6 @@ def choose_plan(groups: Sequence[GroupTiming], write_bps: float, read_bps: float
                 ssdtrain_groups=ssdtrain_prefix(groups, min(write_bps, read_bps)))
 
 
-def full_plan(groups: Sequence[GroupTiming], depth: int, host_cache_bytes: int = 0) -> Tuple[str, ...]:
-    """Everything offloaded: RAM first while it fits, then the SSD (the profiling placement)."""
-    placement = [SSD] * len(groups)
-    if host_cache_bytes > 0:
-        _ram_fill(groups, placement, 0, host_cache_bytes)
-    return tuple(placement)
-
-
 @dataclass(frozen=True)
 class StepObservation:
     """What one finished step measured (see ``profiling.StepProfiler``).

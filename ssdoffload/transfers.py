@@ -481,5 +481,3 @@ class Transfers:
         except ValueError as exc:  # the store was closed and reopened: nothing to return
             log.debug("ssdoffload: extent not returned: %s", exc)
 
-    def release_on_close(self) -> None:
-        self.wait_writes()

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
 
@@ -140,21 +140,3 @@ def rebuild(storage: torch.UntypedStorage, spec: ViewSpec) -> torch.Tensor:
     out = torch.empty(0, dtype=spec.dtype, device=storage.device)
     out.set_(storage, spec.storage_offset, spec.size, spec.stride)
     return out
-
-
-def check_fits(storage_nbytes_: int, spec: ViewSpec) -> None:
-    """Raise if the view reaches outside its storage (a corrupted handle, never a user error)."""
-    if any(s == 0 for s in spec.size):
-        return
-    itemsize = torch.empty(0, dtype=spec.dtype).element_size()
-    last = spec.storage_offset + sum((n - 1) * st for n, st in zip(spec.size, spec.stride))
-    if spec.storage_offset < 0 or (last + 1) * itemsize > storage_nbytes_:
-        raise ValueError(
-            f"view {spec.describe()} stride {spec.stride} offset {spec.storage_offset} does not fit "
-            f"in a storage of {storage_nbytes_} bytes"
-        )
-
-
-def base_of(tensor: torch.Tensor) -> Optional[torch.Tensor]:
-    """The tensor ``tensor`` is a view of, if any."""
-    return tensor._base
