@@ -301,6 +301,26 @@ def test_a_failed_construction_removes_the_directory_it_made(tmp_path):
     assert not made.exists() and existing.exists() and _files(existing) == []
 
 
+def _returns(fn, what):
+    """Run ``fn`` on a thread and fail if it is still blocked after a generous guard (a hang,
+    not a slow machine); returns what ``fn`` returned."""
+    got = []
+    t = threading.Thread(target=lambda: got.append(fn()), daemon=True)
+    t.start()
+    t.join(timeout=300)
+    assert not t.is_alive(), f"{what} did not return while the filesystem was frozen"
+    return got[0]
+
+
+def _wait_removed(path):
+    """Once the drive answers again, the background finisher removes the spill file."""
+    for _ in range(3000):
+        if not os.path.exists(path):
+            break
+        threading.Event().wait(0.1)
+    assert not os.path.exists(path)
+
+
 @pytest.mark.slow
 def test_close_on_a_frozen_filesystem_returns_and_finishes_later(ext4, caplog):
     fs = ext4()
@@ -316,21 +336,11 @@ def test_close_on_a_frozen_filesystem_returns_and_finishes_later(ext4, caplog):
         with off.step():
             model(torch.randn(512, 256)).sum()  # writes now block in the kernel
             assert off.transfers.pending_writes() > 0
-        closed = []
-        t = threading.Thread(target=lambda: closed.append(off.close(timeout=1.0)), daemon=True)
-        t.start()
-        t.join(timeout=300)
-        assert not t.is_alive(), "close() did not return while the filesystem was frozen"
-        assert closed == [False]
+        assert _returns(lambda: off.close(timeout=1.0), "close()") is False
         assert any("gave up waiting" in r.message and path in r.message for r in caplog.records)
     finally:
         fs.thaw()
-    # Once the drive answers again, the background finisher completes the close.
-    for _ in range(3000):
-        if not os.path.exists(path):
-            break
-        threading.Event().wait(0.1)
-    assert not os.path.exists(path)
+    _wait_removed(path)
 
 
 @pytest.mark.slow
@@ -348,22 +358,11 @@ def test_dropping_an_unclosed_offloader_never_blocks_the_thread_that_drops_it(ex
     del model  # its layer hooks refer to the offloader: the two form a cycle
     fs.freeze()  # now removing the spill file blocks in the kernel
     try:
-
-        def drop():
-            holder.clear()
-            gc.collect()  # the collector runs __del__ here
-
-        t = threading.Thread(target=drop, daemon=True)
-        t.start()
-        t.join(timeout=300)
-        assert not t.is_alive(), "dropping an Offloader blocked on the frozen filesystem"
+        # The collector runs __del__ here.
+        _returns(lambda: (holder.clear(), gc.collect()), "dropping an Offloader")
     finally:
         fs.thaw()
-    for _ in range(3000):
-        if not os.path.exists(path):
-            break
-        threading.Event().wait(0.1)
-    assert not os.path.exists(path)
+    _wait_removed(path)
 
 
 # -- 10. space ------------------------------------------------------------------------------
