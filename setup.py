@@ -6,7 +6,7 @@ compiler and the Python headers, but not torch, at build time.
 from setuptools import Extension, setup
 
 native_engine = Extension(
-    "ssdoffload._native",
+    "ssdoffload.io._native",
     sources=["csrc/native_engine.cpp"],
     language="c++",
     extra_compile_args=["-O3", "-std=c++17", "-pthread", "-Wall", "-Wextra"],

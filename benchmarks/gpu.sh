@@ -15,7 +15,7 @@ SUMMARY="$OUT_DIR/summary.txt"
 : > "$SUMMARY"
 log() { echo "$@" | tee -a "$SUMMARY"; }
 
-if ! python3 -c "import ssdoffload._native" 2>/dev/null; then
+if ! python3 -c "import ssdoffload.io._native" 2>/dev/null; then
   log "building the native engine"
   python3 setup.py build_ext --inplace >"$OUT_DIR/build.log" 2>&1 || pip install -e . >>"$OUT_DIR/build.log" 2>&1
 fi

@@ -1,4 +1,4 @@
-// ssdoffload._native -- GIL-free O_DIRECT I/O engine for spilling host memory
+// ssdoffload.io._native -- GIL-free O_DIRECT I/O engine for spilling host memory
 // into preallocated spill files.
 //
 // Plain CPython C API (no pybind11, no torch headers), C++17, std::thread.
@@ -67,7 +67,7 @@
 #endif
 
 #ifndef O_DIRECT
-#error "ssdoffload._native needs O_DIRECT (Linux)"
+#error "ssdoffload.io._native needs O_DIRECT (Linux)"
 #endif
 
 namespace {
@@ -639,7 +639,7 @@ PyObject* request_get_offset(PyObject* self, void* /*closure*/) {
 PyObject* request_repr(PyObject* self) {
     RequestState& r = *reinterpret_cast<RequestObject*>(self)->state;
     bool fin = r.finished.load(std::memory_order_acquire);
-    return PyUnicode_FromFormat("<ssdoffload._native.Request %s of %zu bytes at offset %lld, %s>",
+    return PyUnicode_FromFormat("<ssdoffload.io._native.Request %s of %zu bytes at offset %lld, %s>",
                                 r.is_write ? "write" : "read", r.nbytes, r.offset,
                                 fin ? "done" : "pending");
 }
@@ -676,7 +676,7 @@ PyType_Slot request_slots[] = {
 };
 
 PyType_Spec request_spec = {
-    "ssdoffload._native.Request",
+    "ssdoffload.io._native.Request",
     static_cast<int>(sizeof(RequestObject)),
     0,
 #ifdef Py_TPFLAGS_DISALLOW_INSTANTIATION
@@ -1011,7 +1011,7 @@ PyObject* engine_repr(PyObject* self) {
     } else {
         closed = true;
     }
-    return PyUnicode_FromFormat("<ssdoffload._native.Engine threads=%d chunk_bytes=%zu%s>",
+    return PyUnicode_FromFormat("<ssdoffload.io._native.Engine threads=%d chunk_bytes=%zu%s>",
                                 p->nthreads, p->chunk_bytes, closed ? " closed" : "");
 }
 
@@ -1055,7 +1055,7 @@ PyType_Slot engine_slots[] = {
 };
 
 PyType_Spec engine_spec = {
-    "ssdoffload._native.Engine",
+    "ssdoffload.io._native.Engine",
     static_cast<int>(sizeof(EngineObject)),
     0,
     Py_TPFLAGS_DEFAULT,
@@ -1163,7 +1163,7 @@ PyDoc_STRVAR(module_doc,
 
 PyModuleDef module_def = {
     PyModuleDef_HEAD_INIT,
-    "ssdoffload._native",
+    "ssdoffload.io._native",
     module_doc,
     -1,
     module_methods,

@@ -193,6 +193,8 @@ def simulate(groups: Sequence[GroupTiming], placement: Sequence[str], write_bps:
 def _bps(value: float) -> str:
     if value == math.inf:
         return "unlimited"
+    if value != value:
+        return "unmeasured"
     return f"{value / 1e6:.0f} MB/s" if value >= 10e6 else f"{value / 1e6:.2f} MB/s"
 
 
@@ -410,6 +412,7 @@ class AdaptivePolicy:
     _cool: int = 0
     _backoff: int = 0
     _version: int = 0
+    pinned: bool = False
 
     def __post_init__(self) -> None:
         self._margin = self.safety
@@ -474,9 +477,40 @@ class AdaptivePolicy:
         return choose_plan(self._groups, w, r, self.depth, self.max_depth, self.host_cache_bytes,
                            self.ram_bps, self.tolerance)
 
+    def pin(self, placement: Sequence[str], prefetch_depth: int) -> Plan:
+        """Adopt ``placement`` (one of ``PLACES`` per group) as the plan and stop re-planning
+        until ``unpin``; measurements are still absorbed, so re-planning resumes from them."""
+        placement = tuple(placement)
+        bad = [p for p in placement if p not in PLACES]
+        if bad:
+            raise ValueError(f"plan placement {bad[0]!r} is not one of {', '.join(PLACES)}")
+        if self._groups is not None and len(self._groups) == len(placement):
+            w, r = self.bandwidths()
+            prediction = simulate(self._groups, placement, w, r, self.depth, self.ram_bps,
+                                  window=prefetch_depth)
+            names = tuple(g.name for g in self._groups)
+            group_bytes = tuple(g.nbytes for g in self._groups)
+        else:  # nothing measured for these groups yet: no prediction to offer
+            w = r = math.nan
+            prediction = Prediction(stall_seconds=0.0, compute_seconds=0.0, peak_device_bytes=0,
+                                    ssd_bytes=0, ram_bytes=0, written_bytes=0, read_bytes=0)
+            names, group_bytes = (), ()
+        self.pinned = True
+        return self._adopt(Plan(placement=placement, prefetch_depth=prefetch_depth, prediction=prediction,
+                                write_bps=w, read_bps=r, names=names, group_bytes=group_bytes),
+                           "pinned by Offloader.set_plan")
+
+    def unpin(self) -> None:
+        """Let the measurements choose the plan again (from the end of the next step)."""
+        self.pinned = False
+        self._grow_streak = 0
+
     def observe(self, obs: StepObservation) -> Optional[Plan]:
         """Take one step's measurements; returns the new plan when it changed, else None."""
         if not obs.groups:
+            return None
+        if self.pinned:
+            self._absorb(obs)
             return None
         stalled = obs.compute_seconds > 0 and \
             obs.stall_seconds > max(2 * self.tolerance, 0.005) * obs.compute_seconds

@@ -21,7 +21,7 @@ import os
 import logging
 import threading
 import weakref
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
 
@@ -88,7 +88,6 @@ class Offloader:
         self._stats = StatsCollector()
         self._step_keys = itertools.count()
         self._active_scope: Optional[ScopeState] = None
-        self._scopes: dict = {}
         self.paths = config.resolved_paths()
         self._store: Optional[SpillStore] = None
         self.engine = None
@@ -323,6 +322,44 @@ class Offloader:
         ``describe()`` says which layers go to the SSD, the RAM tier or stay on the device,
         with what bandwidth it was planned and why it was adopted; ``as_dict()`` for JSON."""
         return self.adaptive.plan if self.adaptive is not None else None
+
+    def set_plan(self, placement: Optional[Sequence[str]], prefetch_depth: Optional[int] = None) -> Optional[Plan]:
+        """Fix where each forward group's tensors go from the next step on, instead of letting
+        the adaptive policy choose: ``placement[i]`` is ``"ssd"``, ``"ram"`` (needs
+        ``host_cache_bytes``) or ``"device"`` for group ``i`` (a layer is two groups: itself
+        and what runs after it; ``plan().placement`` of a previous run has the right length).
+        ``prefetch_depth`` is the read-ahead in groups (default: the plan in force's, else
+        the config's). ``None`` returns the choice to the measurements. Needs
+        ``policy="adaptive"``; call it between steps. Returns the pinned plan."""
+        if not self.enabled or self._closed:
+            raise RuntimeError("Offloader.set_plan: the offloader is disabled or closed")
+        if self.adaptive is None:
+            raise ValueError(f"Offloader.set_plan needs OffloadConfig.policy='adaptive' (this one has "
+                             f"policy={self.config.policy!r}, which offloads everything)")
+        if self._active_scope is not None:
+            raise RuntimeError("Offloader.set_plan was called inside a step; call it between steps")
+        if placement is None:
+            self.adaptive.unpin()
+            return None
+        if isinstance(placement, str):
+            raise TypeError("Offloader.set_plan takes one place per group (a list such as "
+                            "['ssd', 'ssd', 'device']), not a string")
+        placement = tuple(placement)
+        if "ram" in placement and self.tier is None:
+            raise ValueError("Offloader.set_plan: 'ram' needs a host tier; set OffloadConfig.host_cache_bytes")
+        current = self.adaptive.plan
+        if current is not None and len(current.placement) != len(placement):
+            raise ValueError(f"Offloader.set_plan: the forward has {len(current.placement)} groups, the "
+                             f"placement gives {len(placement)}")
+        if prefetch_depth is None:
+            prefetch_depth = current.prefetch_depth if current is not None else self.config.prefetch_depth
+        _check_depth(prefetch_depth, self.config.prefetch_depth)
+        plan = self.adaptive.pin(placement, prefetch_depth)
+        if plan.prefetch_depth > 0:
+            self.prefetcher.window = plan.prefetch_depth
+        self._stats.add(replans=1)
+        self._stats.set(plan_version=plan.version)
+        return plan
 
     def set_bandwidth_caps(self, write: Optional[float] = None, read: Optional[float] = None) -> None:
         """Change ``max_write_bandwidth`` / ``max_read_bandwidth`` while training (``None`` lifts
@@ -573,6 +610,14 @@ class Offloader:
             if self.profiler is not None:
                 self.profiler.backward(scope)
             self.prefetcher.on_backward_reached(scope, group)
+
+
+def _check_depth(depth: object, configured: int) -> None:
+    if isinstance(depth, bool) or not isinstance(depth, int) or not 0 <= depth <= 64:
+        raise ValueError(f"prefetch_depth={depth!r} must be an int from 0 to 64")
+    if (depth == 0) != (configured == 0):
+        raise ValueError(f"prefetch_depth={depth} with OffloadConfig.prefetch_depth={configured}: "
+                         "prefetching is switched on or off in the config, not per plan")
 
 
 @atexit.register

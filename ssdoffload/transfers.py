@@ -30,7 +30,6 @@ bandwidth is the drive's own.
 """
 from __future__ import annotations
 
-import concurrent.futures
 import logging
 import threading
 import time
@@ -43,6 +42,7 @@ from torch.autograd.profiler import record_function
 from .cache import HOLDS_MEMORY, Entry, OffloadCache, State
 from .errors import OffloadError, SpillReadError, WriteAbandoned
 from .io import IOEngine, byte_view
+from .io.jobs import CancelledError, IOFuture
 from .stats import StatsCollector, Timeline
 from .store import DEAD_DRIVE_ERRNOS, Extent, SpillStore
 from .tiers import HostSlot, HostTier, HostTierBackend, RateLimiter
@@ -50,17 +50,11 @@ from .tiers import HostSlot, HostTier, HostTierBackend, RateLimiter
 log = logging.getLogger("ssdoffload")
 
 
-def wait_for(fut: concurrent.futures.Future) -> None:
-    """Block until ``fut`` is done (whatever its outcome).
-
-    Not ``concurrent.futures.wait``: it takes the futures' locks in a Python loop, and a
-    KeyboardInterrupt landing in that loop leaves a lock held for good, so the I/O thread that
-    completes the future blocks forever (seen with real SIGINTs). ``Future.exception()`` holds
-    one lock in a ``with`` block.
-    """
+def wait_for(fut: IOFuture) -> None:
+    """Block until ``fut`` is done (whatever its outcome)."""
     try:
         fut.exception()
-    except concurrent.futures.CancelledError:
+    except CancelledError:
         pass
 
 

@@ -1,4 +1,4 @@
-"""Tests of the native I/O engine (ssdoffload._native): real files, real threads."""
+"""Tests of the native I/O engine (ssdoffload.io._native): real files, real threads."""
 from __future__ import annotations
 
 import errno
@@ -23,12 +23,12 @@ MiB = 1 << 20
 def _import_native():
     """Import the compiled extension, skipping (with the build command) if absent."""
     try:
-        from ssdoffload import _native
+        from ssdoffload.io import _native
     except ImportError as exc:  # pragma: no cover - depends on the build
         if "_native" not in str(exc):
             raise  # the package itself is broken: fail, do not hide it
         pytest.skip(
-            "ssdoffload._native is not built (run `python setup.py build_ext --inplace`): "
+            "ssdoffload.io._native is not built (run `python setup.py build_ext --inplace`): "
             f"{exc}",
             allow_module_level=True,
         )
@@ -510,8 +510,8 @@ def test_write_to_o_append_fd_is_einval(engine, tmp_path):
 _LOAD_NATIVE = textwrap.dedent(
     """
     import importlib.machinery, importlib.util, sys
-    _loader = importlib.machinery.ExtensionFileLoader("ssdoffload._native", sys.argv.pop(1))
-    _spec = importlib.util.spec_from_file_location("ssdoffload._native", _loader.path, loader=_loader)
+    _loader = importlib.machinery.ExtensionFileLoader("ssdoffload.io._native", sys.argv.pop(1))
+    _spec = importlib.util.spec_from_file_location("ssdoffload.io._native", _loader.path, loader=_loader)
     _native = importlib.util.module_from_spec(_spec)
     _loader.exec_module(_native)
     """
@@ -803,7 +803,7 @@ def test_reading_memory_freed_under_a_write_is_an_error_not_a_crash(tmp_path):
     script = textwrap.dedent(f"""
         import errno, mmap, ctypes, os, sys
         sys.path.insert(0, {os.path.dirname(os.path.dirname(os.path.abspath(__file__)))!r})
-        from ssdoffload import _native
+        from ssdoffload.io import _native
         libc = ctypes.CDLL(None, use_errno=True)
         libc.mmap.restype = ctypes.c_void_p
         libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]

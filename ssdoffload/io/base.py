@@ -2,7 +2,7 @@
 
 A backend moves the bytes of one storage between memory and an extent of a spill file. Its
 two methods are *blocking* and run on the offloader's I/O threads (never on the compute
-thread); ``IOEngine`` runs them on thread pools and returns ``concurrent.futures.Future``s, so
+thread); ``IOEngine`` runs them on job pools (``jobs.py``) and returns ``IOFuture``s, so
 callers only ever see futures.
 
 Buffers are 1-D ``uint8`` tensors over the whole storage (``byte_view``). Extents start at a
@@ -23,16 +23,15 @@ CUDA stream rules (all backends):
 from __future__ import annotations
 
 import abc
-import concurrent.futures
 import threading
 from typing import Callable, List, Optional
 
 import torch
 
-from .. import _native
+from . import _native
 from ..errors import IntegrityError
 from ..store import Extent
-from .threads import start_pool
+from .jobs import IOFuture, JobPool
 
 
 def check_crc(address: int, nbytes: int, expected: int, extent: Extent, offset: int) -> None:
@@ -84,23 +83,23 @@ class IOEngine:
     """Runs backend calls on two thread pools and hands back futures.
 
     Reads get their own pool so a backward that waits on a prefetch is never queued behind
-    forward's writes. Every pool is started to full size here (``threads.start_pool``), and the
+    forward's writes. Every pool is started to full size here (``jobs.JobPool``), and the
     host-RAM tier's copy thread too when ``host_pool``: a limit on threads then fails
     construction with ``ResourceLimitError`` rather than the first step.
     """
 
     def __init__(self, backends: dict, threads: int, host_pool: bool = False) -> None:
         self.backends = backends  # device type -> Backend
-        self._writers: Optional[concurrent.futures.ThreadPoolExecutor] = None
-        self._readers: Optional[concurrent.futures.ThreadPoolExecutor] = None
-        self._host: Optional[concurrent.futures.ThreadPoolExecutor] = None
+        self._writers: Optional[JobPool] = None
+        self._readers: Optional[JobPool] = None
+        self._host: Optional[JobPool] = None
         self._host_lock = threading.Lock()
         per_pool = max(1, threads // 2)
         try:
-            self._writers = start_pool(per_pool, "ssdoffload-write", f"the {per_pool} write threads")
-            self._readers = start_pool(per_pool, "ssdoffload-read", f"the {per_pool} read threads")
+            self._writers = JobPool(per_pool, "ssdoffload-write", f"the {per_pool} write threads")
+            self._readers = JobPool(per_pool, "ssdoffload-read", f"the {per_pool} read threads")
             if host_pool:
-                self._host = start_pool(1, "ssdoffload-host", "the host-RAM tier's copy thread")
+                self._host = JobPool(1, "ssdoffload-host", "the host-RAM tier's copy thread")
         except BaseException:
             # The pools already started are stopped; the backends stay the caller's to close.
             self._shutdown_pools()
@@ -112,19 +111,19 @@ class IOEngine:
             raise ValueError(f"no I/O backend for tensors on {device}")
         return backend
 
-    def submit_write(self, fn, *args) -> concurrent.futures.Future:
+    def submit_write(self, fn, *args) -> IOFuture:
         return self._writers.submit(fn, *args)
 
-    def submit_read(self, fn, *args) -> concurrent.futures.Future:
+    def submit_read(self, fn, *args) -> IOFuture:
         return self._readers.submit(fn, *args)
 
-    def submit_host(self, fn, *args) -> concurrent.futures.Future:
+    def submit_host(self, fn, *args) -> IOFuture:
         """Copies to and from the host-RAM tier: their own thread, so they never queue behind
         the drive's writes or reads (reloads take from RAM first). Started at construction when
         the engine was told of a host tier, else made on first use."""
         with self._host_lock:
             if self._host is None:
-                self._host = start_pool(1, "ssdoffload-host", "the host-RAM tier's copy thread")
+                self._host = JobPool(1, "ssdoffload-host", "the host-RAM tier's copy thread")
             return self._host.submit(fn, *args)
 
     def _shutdown_pools(self) -> None:
@@ -133,7 +132,7 @@ class IOEngine:
             self._host = None
         for pool in pools:
             if pool is not None:
-                pool.shutdown(wait=True)
+                pool.shutdown()
 
     def close(self) -> None:
         self._shutdown_pools()

@@ -13,7 +13,7 @@ from typing import List, Optional
 
 import torch
 
-from .. import _native
+from . import _native
 from ..allocator import ALIGNMENT, align_up
 from ..store import Extent
 from .base import Backend, check_crc

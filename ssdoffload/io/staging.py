@@ -25,7 +25,7 @@ import torch
 
 from ..allocator import align_up
 from ..store import Extent
-from .. import _native
+from . import _native
 from ..errors import WriteAbandoned
 from .base import Backend, check_crc
 from .native import NativeEngine

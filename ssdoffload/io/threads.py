@@ -7,7 +7,6 @@ that could not start and the limits in force, instead of a bare ``BlockingIOErro
 """
 from __future__ import annotations
 
-import concurrent.futures
 import errno
 import logging
 import os
@@ -111,28 +110,3 @@ def resource_limit_error(part: str, exc: BaseException) -> ResourceLimitError:
         f"Lower OffloadConfig.io_threads (the offloader starts io_threads native workers, "
         f"io_threads // 2 write and as many read threads, at least one each, and one more with a "
         f"host tier) or raise the limit that binds.")
-
-
-def start_pool(workers: int, name: str, part: str) -> concurrent.futures.ThreadPoolExecutor:
-    """A ``ThreadPoolExecutor`` with all ``workers`` threads already running.
-
-    The executor starts a thread per ``submit`` only while no thread is idle, so each of the
-    ``workers`` warm-up tasks waits for ``go``: none finishes before the last was submitted, and
-    every submit starts a thread. ``go`` is set on every path, so no wait can hang. When a
-    thread cannot start, the ones already started are stopped and ``ResourceLimitError`` names
-    ``part``.
-    """
-    pool = concurrent.futures.ThreadPoolExecutor(workers, name)
-    go = threading.Event()
-    try:
-        for _ in range(workers):
-            pool.submit(go.wait)
-    except BaseException as exc:
-        go.set()
-        pool.shutdown(wait=True, cancel_futures=True)
-        if is_thread_start_failure(exc):
-            log.debug("ssdoffload: starting %s failed", part, exc_info=True)
-            raise resource_limit_error(part, exc) from exc
-        raise
-    go.set()
-    return pool

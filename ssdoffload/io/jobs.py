@@ -1,0 +1,168 @@
+"""The I/O threads' job queue and its one future type, safe against Ctrl-C.
+
+Why not ``concurrent.futures``: its ``Future`` guards its state with a ``threading.Condition``
+that the compute thread takes in Python code (``done()``, ``cancel()``, ``result()``,
+``add_done_callback``). A KeyboardInterrupt landing between the lock's acquisition and the
+``with`` block's cleanup leaves the lock held for good; the I/O thread that later finishes
+that future blocks on it forever, and the process cannot exit (seen in CI with real SIGINTs).
+
+The rules here, so that no interrupt of the compute thread can stop an I/O thread:
+
+* An I/O thread never waits on a lock the compute thread may hold. The compute thread only
+  ever takes ``_claim`` without blocking (and never gives it back), and waits on
+  ``_finished``, which the I/O thread releases once and never takes again.
+* Every future is finished by an I/O thread, cancelled ones included (when the queue reaches
+  them), so each wait ends. ``_done`` is set before ``_finished`` is released: a waiter that
+  was interrupted while holding ``_finished`` leaves nothing to block on.
+* Callbacks are popped from a list (atomic under the GIL), so each runs once: on the I/O
+  thread that finished the future, or on the thread adding it once the future is done.
+"""
+from __future__ import annotations
+
+import _thread
+import logging
+import queue
+import threading
+from concurrent.futures import CancelledError
+from typing import Any, Callable, List, Optional
+
+from .threads import is_thread_start_failure, resource_limit_error
+
+log = logging.getLogger("ssdoffload")
+
+__all__ = ["CancelledError", "IOFuture", "JobPool"]
+
+
+class IOFuture:
+    """The outcome of one job on a ``JobPool`` (the subset of ``concurrent.futures.Future``
+    the offloader uses: ``done``, ``cancel``, ``result``, ``exception``,
+    ``add_done_callback``)."""
+
+    __slots__ = ("_fn", "_args", "_claim", "_finished", "_done", "_cancelled", "_result",
+                 "_exc", "_callbacks", "__weakref__")
+
+    def __init__(self, fn: Callable[..., Any], args: tuple) -> None:
+        self._fn: Optional[Callable[..., Any]] = fn
+        self._args: Optional[tuple] = args
+        self._claim = _thread.allocate_lock()     # taken once: by cancel(), or by the job's run
+        self._finished = _thread.allocate_lock()  # held until the job is finished
+        self._finished.acquire()
+        self._done = False
+        self._cancelled = False
+        self._result: Any = None
+        self._exc: Optional[BaseException] = None
+        self._callbacks: List[Callable[["IOFuture"], None]] = []
+
+    # -- the I/O thread ------------------------------------------------------------------
+    def _run(self) -> None:
+        if self._claim.acquire(False):
+            fn, args = self._fn, self._args
+            try:
+                self._result = fn(*args)
+            except BaseException as exc:  # handed to whoever asks for the result
+                self._exc = exc
+        else:
+            self._cancelled = True
+            self._exc = CancelledError()
+        self._fn = self._args = None  # the job's arguments (storages) are not kept alive
+        self._done = True
+        self._finished.release()
+        self._run_callbacks()
+
+    def _run_callbacks(self) -> None:
+        while True:
+            try:
+                callback = self._callbacks.pop(0)
+            except IndexError:
+                return
+            try:
+                callback(self)
+            except Exception:  # one callback's bug must not stop the others or the thread
+                log.exception("ssdoffload: an I/O completion callback failed")
+
+    # -- any thread ----------------------------------------------------------------------
+    def done(self) -> bool:
+        return self._done
+
+    def cancelled(self) -> bool:
+        return self._done and self._cancelled
+
+    def cancel(self) -> bool:
+        """Stop the job if it has not started; True when it will not run. The future is
+        finished (and its callbacks run) by the I/O thread when the queue reaches it."""
+        return self._claim.acquire(False)
+
+    def _wait(self, timeout: Optional[float]) -> bool:
+        if self._done:
+            return True
+        if self._finished.acquire(timeout=-1 if timeout is None else max(timeout, 0)):
+            self._finished.release()
+        return self._done
+
+    def exception(self, timeout: Optional[float] = None) -> Optional[BaseException]:
+        """Wait for the job; its exception (None if it succeeded). Raises ``CancelledError``
+        for a cancelled job and ``TimeoutError`` when ``timeout`` passes first."""
+        if not self._wait(timeout):
+            raise TimeoutError("the I/O job did not finish in time")
+        if self._cancelled:
+            raise CancelledError()
+        return self._exc
+
+    def result(self, timeout: Optional[float] = None) -> Any:
+        exc = self.exception(timeout)
+        if exc is not None:
+            raise exc
+        return self._result
+
+    def add_done_callback(self, callback: Callable[["IOFuture"], None]) -> None:
+        self._callbacks.append(callback)
+        if self._done:
+            self._run_callbacks()
+
+
+_STOP = object()
+
+
+class JobPool:
+    """``workers`` threads, all started here, taking jobs from one FIFO queue.
+
+    A thread the system refuses stops the ones already started and raises
+    ``ResourceLimitError`` naming ``part``. ``shutdown`` runs what is queued, then stops.
+    """
+
+    def __init__(self, workers: int, name: str, part: str) -> None:
+        self._queue: "queue.SimpleQueue[Any]" = queue.SimpleQueue()  # put() takes no Python lock
+        self._threads: List[threading.Thread] = []
+        try:
+            for i in range(workers):
+                t = threading.Thread(target=self._work, name=f"{name}_{i}", daemon=True)
+                t.start()
+                self._threads.append(t)
+        except BaseException as exc:
+            self.shutdown()
+            if is_thread_start_failure(exc):
+                log.debug("ssdoffload: starting %s failed", part, exc_info=True)
+                raise resource_limit_error(part, exc) from exc
+            raise
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> IOFuture:
+        fut = IOFuture(fn, args)
+        self._queue.put(fut)
+        return fut
+
+    def _work(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job is _STOP:
+                return
+            job._run()
+            del job
+
+    def shutdown(self) -> None:
+        """Run every queued job, then stop the threads (waits for them)."""
+        for _ in self._threads:
+            self._queue.put(_STOP)
+        for t in self._threads:
+            if t is not threading.current_thread():
+                t.join()
+        self._threads = []
