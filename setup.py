@@ -20,7 +20,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
-    packages=["ssdoffload", "ssdoffload.io", "ssdoffload.bench", "ssdoffload.integrations"],
+    packages=["ssdoffload", "ssdoffload.io", "ssdoffload.models", "ssdoffload.planner", "ssdoffload.bench", "ssdoffload.integrations"],
     package_dir={"ssdoffload.integrations": "integrations"},
     ext_modules=[native_engine],
     install_requires=["torch>=2.4", "numpy"],

@@ -19,11 +19,11 @@ Never offload what offloading cannot free or must not touch:
 from __future__ import annotations
 
 import enum
-from typing import Iterable, Optional, Set, Tuple
+from typing import Iterable, Set, Tuple
 
 import torch
 
-from .views import storage_nbytes
+from .views import storage_key, storage_nbytes
 
 
 class Decision(enum.Enum):
@@ -38,26 +38,6 @@ class Decision(enum.Enum):
     CLOSED = "offloader closed"
 
 
-def _plain_storage_key(t: torch.Tensor) -> Optional[Tuple[str, int]]:
-    """(device, address) of a plain strided tensor's storage; None for anything else.
-
-    Tensor subclasses (FSDP2's ``DTensor`` shards) are looked through to their local tensor
-    where they have one; the address of a subclass's own storage is meaningless (torch raises
-    "Attempted to access the data pointer on an invalid python storage").
-    """
-    local = getattr(t, "_local_tensor", None)
-    if local is not None and type(t) is not torch.Tensor:
-        t = local
-    if not isinstance(t, torch.Tensor) or (type(t) is not torch.Tensor and not isinstance(t, torch.nn.Parameter)):
-        return None
-    if t.layout != torch.strided or t.device.type == "meta" or t.is_nested:
-        return None
-    try:
-        return (str(t.device), t.untyped_storage().data_ptr())
-    except (RuntimeError, NotImplementedError):
-        return None
-
-
 def parameter_storages(modules: Iterable[torch.nn.Module]) -> Set[Tuple[str, int]]:
     """(device, address) of every parameter and buffer storage of ``modules`` (plain tensors,
     and the local tensors of sharded ones)."""
@@ -65,7 +45,7 @@ def parameter_storages(modules: Iterable[torch.nn.Module]) -> Set[Tuple[str, int
     for module in modules:
         for t in list(module.parameters()) + list(module.buffers()):
             if t is not None:
-                key = _plain_storage_key(t)
+                key = storage_key(t)
                 if key is not None:
                     keys.add(key)
     return keys

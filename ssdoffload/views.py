@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 
@@ -56,13 +56,27 @@ def storage_nbytes(tensor: torch.Tensor) -> int:
     return tensor.untyped_storage().nbytes()
 
 
-def storage_key(tensor: torch.Tensor) -> Tuple[str, int]:
-    """A hashable key for the storage of ``tensor``: (device, address).
+def storage_key(t: torch.Tensor) -> Optional[Tuple[str, int]]:
+    """A hashable key for the storage of ``tensor``: (device, address); None for anything but
+    a plain strided tensor. The one rule for "the same storage" (the offloader, the planner's
+    measurement and the benchmark's meter use it). Only meaningful together with
+    ``StorageToken.matches``: the address may be reused.
 
-    Only meaningful together with ``StorageToken.matches``: the address may be reused.
+    Tensor subclasses (FSDP2's ``DTensor`` shards) are looked through to their local tensor
+    where they have one; the address of a subclass's own storage is meaningless (torch raises
+    "Attempted to access the data pointer on an invalid python storage").
     """
-    storage = tensor.untyped_storage()
-    return (str(tensor.device), storage.data_ptr())
+    local = getattr(t, "_local_tensor", None)
+    if local is not None and type(t) is not torch.Tensor:
+        t = local
+    if not isinstance(t, torch.Tensor) or (type(t) is not torch.Tensor and not isinstance(t, torch.nn.Parameter)):
+        return None
+    if t.layout != torch.strided or t.device.type == "meta" or t.is_nested:
+        return None
+    try:
+        return (str(t.device), t.untyped_storage().data_ptr())
+    except (RuntimeError, NotImplementedError):
+        return None
 
 
 def root_of(tensor: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ssdoffload.bench.model import Block, GPTConfig
+from ssdoffload.models.gpt import Block, GPTConfig
 
 
 class BasicBlock(nn.Module):

@@ -7,7 +7,7 @@ from typing import Callable, List, Optional, Tuple
 import torch
 
 import ssdoffload
-from ssdoffload.bench.model import GPT, GPTConfig, synthetic_batch
+from ssdoffload.models.gpt import GPT, GPTConfig, synthetic_batch
 
 TINY = GPTConfig(vocab=256, seq=64, hidden=64, heads=4, layers=4, dropout=0.1)
 

@@ -9,7 +9,7 @@ import torch
 import ssdoffload
 from ssdoffload.adaptive import (DEVICE, RAM, SSD, AdaptivePolicy, GroupTiming, StepObservation,
                                  choose_plan, simulate, ssdtrain_prefix)
-from ssdoffload.bench.model import GPTConfig
+from ssdoffload.models.gpt import GPTConfig
 from ssdoffload.tiers import RateLimiter
 from helpers import TINY, assert_bit_identical, train
 
@@ -245,7 +245,7 @@ def test_bit_identical_while_the_plan_changes(spill_dir):
 
 
 def test_set_plan_refuses_bad_plans(spill_dir):
-    from ssdoffload.bench.model import GPT, synthetic_batch
+    from ssdoffload.models.gpt import GPT, synthetic_batch
     torch.manual_seed(0)
     model = GPT(TINY)
     tokens, targets = synthetic_batch(TINY, 4, torch.device("cpu"), seed=0)
@@ -297,7 +297,7 @@ def test_adaptive_default_bit_identical(spill_dir, autocast):
 def test_write_cap_is_honoured(spill_dir):
     cap = 2e6
     config = _cfg(spill_dir, policy="all", max_write_bandwidth=cap)
-    from ssdoffload.bench.model import GPT, synthetic_batch
+    from ssdoffload.models.gpt import GPT, synthetic_batch
     torch.manual_seed(0)
     model = GPT(TINY)
     with ssdoffload.Offloader(model, config) as off:

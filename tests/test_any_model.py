@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import ssdoffload
-from ssdoffload.bench.model import GPT, GPTConfig
+from ssdoffload.models.gpt import GPT, GPTConfig
 
 from any_models import ResNet, SequentialGPT, ViT
 

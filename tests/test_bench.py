@@ -13,7 +13,7 @@ import torch
 from ssdoffload.__main__ import main, parse_size
 from ssdoffload.bench import analysis, probe
 from ssdoffload.bench.memory import SavedBytesMeter
-from ssdoffload.bench.model import GPT, synthetic_batch
+from ssdoffload.models.gpt import GPT, synthetic_batch
 from ssdoffload.bench.presets import PRESETS, get_preset, parameter_count
 from ssdoffload.bench.report import format_table
 from ssdoffload.bench.runner import BenchOptions, run_bench

@@ -10,7 +10,7 @@ import torch
 import torch._dynamo
 
 import ssdoffload
-from ssdoffload.bench.model import GPT, GPTConfig, synthetic_batch
+from ssdoffload.models.gpt import GPT, GPTConfig, synthetic_batch
 
 CFG = GPTConfig(vocab=128, seq=64, hidden=64, heads=4, layers=4, dropout=0.0)
 

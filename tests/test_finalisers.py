@@ -98,7 +98,7 @@ sys.path.insert(0, {tests!r})
 sys.path.insert(0, os.path.dirname({tests!r}))  # this checkout's package, whatever is installed
 import torch, ssdoffload
 from helpers import TINY
-from ssdoffload.bench.model import GPT, synthetic_batch
+from ssdoffload.models.gpt import GPT, synthetic_batch
 
 # One intra-op thread: with an OpenMP team, torch 2.13's CPU kernels deadlock in libgomp
 # (gomp_team_barrier_wait_end) after some Ctrl-Cs even without ssdoffload (seen in plain

@@ -86,7 +86,7 @@ def test_cuda_tier_bit_identical_and_within_budget(spill_dir, policy):
 
 @pytest.mark.cuda
 def test_cuda_tier_frees_device_memory(spill_dir):
-    from ssdoffload.bench.model import GPT, synthetic_batch
+    from ssdoffload.models.gpt import GPT, synthetic_batch
     torch.manual_seed(0)
     model = GPT(TINY).cuda()
     with ssdoffload.Offloader(model, _cfg(spill_dir, policy="all", host_cache_bytes=64 << 20)) as off:

@@ -46,7 +46,7 @@ def test_checkpoint_composes(spill_dir):
 
 def test_forward_frees_offloadable_memory(spill_dir):
     torch.manual_seed(0)
-    from ssdoffload.bench.model import GPT, synthetic_batch
+    from ssdoffload.models.gpt import GPT, synthetic_batch
     model = GPT(TINY)
     with ssdoffload.Offloader(model, _cfg(spill_dir, prefetch_depth=2, policy="all")) as off:
         tokens, targets = synthetic_batch(TINY, 8, torch.device("cpu"), 0)
@@ -171,7 +171,7 @@ def test_parameters_never_written(spill_dir):
 
 def test_micro_batches_in_flight_and_prefetch(spill_dir):
     """Pipeline-style: forward 4 micro-batches, then backward them in order with prefetch."""
-    from ssdoffload.bench.model import GPT, synthetic_batch
+    from ssdoffload.models.gpt import GPT, synthetic_batch
 
     def run(off):
         torch.manual_seed(0)
@@ -244,7 +244,7 @@ def test_gpt_bit_identical_cuda(spill_dir, backend, autocast):
 def test_queued_writes_do_not_keep_freed_activations_alive(spill_dir):
     """Writes waiting in the queue (here: held back by a tiny bandwidth cap) hold no memory:
     once backward has used and freed a tensor, its storage is gone at once."""
-    from ssdoffload.bench.model import GPT, synthetic_batch
+    from ssdoffload.models.gpt import GPT, synthetic_batch
     reference = train(None, steps=1)
     torch.manual_seed(0)
     model = GPT(TINY)

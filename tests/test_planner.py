@@ -7,7 +7,7 @@ import torch
 
 import ssdoffload
 from ssdoffload import planner
-from ssdoffload.bench.model import GPT, GPTConfig, synthetic_batch
+from ssdoffload.models.gpt import GPT, GPTConfig, synthetic_batch
 from ssdoffload.planner import Drive, ModelSpec, layer_bytes, plan, spec_profile
 
 SIZES = [  # (hidden, heads, seq, layers, vocab)

@@ -594,7 +594,7 @@ def test_gradient_accumulation_frees_every_micro_batch(spill_dir):
     """Hole 8 (gradient accumulation): several forward+backward pairs in ONE ``off.step()``:
     each micro-batch's activations must leave memory once written (not only the first
     micro-batch's), and the accumulated gradients equal plain autograd's."""
-    from ssdoffload.bench.model import GPT, synthetic_batch
+    from ssdoffload.models.gpt import GPT, synthetic_batch
     n_micro = 3
 
     def run(cfg):

@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from .memory import PeakRSS
-from .model import GPT, synthetic_batch
+from ..models.gpt import GPT, synthetic_batch
 from .presets import Preset
 from .steps import memory_pass, run_step
 from .strategies import Strategy

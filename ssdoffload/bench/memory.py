@@ -17,13 +17,11 @@ from typing import Callable, Dict, Iterable, List, Optional, Set, Tuple
 import torch
 from torch.utils._pytree import tree_flatten
 
+from ..policy import parameter_storages, storage_key
+
 log = logging.getLogger("ssdoffload")
 
 Key = Tuple[str, int]
-
-
-def _storage_key(t: torch.Tensor) -> Key:
-    return (str(t.device), t.untyped_storage().data_ptr())
 
 
 class _Counted:
@@ -61,10 +59,7 @@ class SavedBytesMeter:
         self.device = torch.device(device) if device is not None else None
         self.threshold = threshold
         self.threshold_bytes = 0  # bytes of the storages of at least ``threshold`` bytes
-        self.param_keys: Set[Key] = set()
-        for m in modules:
-            for t in list(m.parameters()) + list(m.buffers()):
-                self.param_keys.add(_storage_key(t))
+        self.param_keys: Set[Key] = parameter_storages(modules)  # the offloader's rule
         self.inner = inner
         self._live: Dict[Key, List[int]] = {}
         self.live_bytes = 0
@@ -100,8 +95,8 @@ class SavedBytesMeter:
         for t in tree_flatten(packed)[0]:
             if not isinstance(t, torch.Tensor) or t.layout != torch.strided:
                 continue
-            key = _storage_key(t)
-            if key in self.param_keys or not self._on_device(t):
+            key = storage_key(t)
+            if key is None or key in self.param_keys or not self._on_device(t):
                 continue
             keys.append(key)
             slot = self._live.get(key)

@@ -13,7 +13,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Dict
 
-from .model import GPTConfig
+from ..models.gpt import GPTConfig
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from ..config import OffloadConfig
 from . import analysis, probe
 from .environment import environment
 from .memory import PeakRSS
-from .model import GPT, synthetic_batch
+from ..models.gpt import GPT, synthetic_batch
 from .presets import Preset, default_preset_name, get_preset, parameter_count
 from .steps import MemoryPass, StepRecord, memory_pass, run_step, timeline_step
 from .strategies import ADAPTIVE_STRATEGIES, STRATEGIES, build_strategies, strategy_offload_config

@@ -23,7 +23,7 @@ import torch
 from ..config import OffloadConfig
 from ..offloader import Offloader
 from ..stats import OffloadStats
-from .model import GPT, GPTConfig
+from ..models.gpt import GPT, GPTConfig
 
 STRATEGIES: Tuple[str, ...] = ("keep", "recompute", "cpu", "ssd", "ssd+recompute", "ssd-adaptive", "ram+ssd")
 

@@ -19,7 +19,7 @@ import torch
 from ..config import OffloadConfig
 from .analysis import activation_bytes
 from .memory import PeakRSS
-from .model import GPT, synthetic_batch
+from ..models.gpt import GPT, synthetic_batch
 from .presets import Preset
 from .steps import MemoryPass, memory_pass, run_step
 from .strategies import Strategy, strategy_offload_config, uses_offloader

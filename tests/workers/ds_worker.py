@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 import deepspeed  # noqa: E402
 from deepspeed.pipe import LayerSpec, PipelineModule  # noqa: E402
 
-from ssdoffload.bench.model import GPT, Block, GPTConfig, synthetic_batch  # noqa: E402
+from ssdoffload.models.gpt import GPT, Block, GPTConfig, synthetic_batch  # noqa: E402
 from ssdoffload.integrations import deepspeed as ssd_ds  # noqa: E402
 
 CFG = GPTConfig(vocab=128, seq=32, hidden=64, heads=4, layers=4, dropout=0.1)

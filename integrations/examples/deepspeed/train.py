@@ -29,7 +29,7 @@ import deepspeed
 from deepspeed.accelerator import get_accelerator
 from deepspeed.pipe import LayerSpec, PipelineModule
 
-from ssdoffload.bench.model import GPT, Block, GPTConfig, synthetic_batch
+from ssdoffload.models.gpt import GPT, Block, GPTConfig, synthetic_batch
 from ssdoffload.integrations import deepspeed as ssd_ds
 
 HERE = os.path.dirname(os.path.abspath(__file__))
