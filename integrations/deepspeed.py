@@ -63,7 +63,6 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 import torch
 
 from ssdoffload import OffloadConfig, OffloadError, Offloader, OffloadStats, SpillPathError
-from ssdoffload.store import prepare_directory
 
 log = logging.getLogger("ssdoffload")
 
@@ -538,7 +537,7 @@ def attach(engine: Any, config: Optional[OffloadConfig] = None) -> Any:
     if config is None:
         config = offload_config(getattr(engine._config, "_param_dict", {}) or {}, **overrides)
     elif overrides and config.layers is None:
-        config.layers = layers
+        config = dataclasses.replace(config, layers=layers)  # the caller's config stays as it was
     if config is None or not config.enabled:
         return engine
     if engine.zero_optimization_stage() >= 3:
@@ -547,13 +546,6 @@ def attach(engine: Any, config: Optional[OffloadConfig] = None) -> Any:
     offloader = None
     error: Optional[BaseException] = None
     try:
-        rank, _ = _world()
-        for path in config.paths:  # the per-rank directory's parent: ours to make if missing
-            if "{rank}" not in path:
-                continue
-            base = os.path.dirname(path.replace("{rank}", str(rank)).rstrip("/"))
-            if path.endswith(os.path.join("", "rank{rank}")) and not os.path.isdir(base):
-                prepare_directory(os.path.abspath(os.path.expanduser(base)))
         offloader = Offloader(module, config)
     except Exception as exc:  # reported on every rank below, so none is left waiting
         error = exc

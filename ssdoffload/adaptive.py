@@ -28,10 +28,11 @@ import math
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence, Tuple
 
+from .places import DEVICE, PLACES, RAM, SSD  # the runtime's words for the places
+from .readahead import Readahead, request_point
+
 log = logging.getLogger("ssdoffload")
 
-DEVICE, RAM, SSD = "device", "ram", "ssd"
-PLACES = (DEVICE, RAM, SSD)
 
 
 @dataclass(frozen=True)
@@ -75,11 +76,10 @@ def simulate(groups: Sequence[GroupTiming], placement: Sequence[str], write_bps:
     group taking its measured time plus any stall. A group's tensors are queued for writing
     when its forward ends (SSD and RAM have separate FIFO writers of ``write_bps`` and
     ``ram_bps``); a write not started when backward has finished with the group is cancelled.
-    Reads of offloaded groups are requested when backward reaches the group ``depth``
-    offloaded groups above (all of the top ``depth + 1`` at backward start; ``depth == 0``:
-    when needed) and served in that order at ``read_bps`` (RAM: ``ram_bps``); with ``window``
-    (the adaptive prefetcher) group ``i`` is requested instead when backward reaches the first
-    group with saved bytes at most ``window`` groups above it. A group whose
+    Reads of offloaded groups are requested where the prefetcher's rule
+    (``readahead.request_point``) says — ``depth`` offloaded groups ahead, or within ``window``
+    groups with the adaptive prefetcher; ``depth == 0``: when needed — and served in that
+    order at ``read_bps`` (RAM: ``ram_bps``). A group whose
     write had not finished when its read was requested stays in memory (no read, no stall).
     Backward waits (stalls) when a read ends after backward reached the group.
     """
@@ -95,6 +95,10 @@ def simulate(groups: Sequence[GroupTiming], placement: Sequence[str], write_bps:
     compute = t_fwd + sum(max(g.backward_seconds, 0.0) for g in groups)
     offloaded = [i for i in range(n) if placement[i] != DEVICE and groups[i].nbytes > 0]
     rank = {g: k for k, g in enumerate(offloaded)}
+    # The prefetcher's own rule (readahead.py) says when each read is requested; backward is
+    # seen reaching a group when it unpacks one of its tensors (or a layer hook fires there).
+    fires = [g.nbytes > 0 for g in groups]
+    readahead = Readahead(depth, window)
 
     # Pass 1 takes the backward times without stalls to decide which writes are cancelled;
     # pass 2 redoes everything with the backward times (stalls included) of pass 1.
@@ -128,17 +132,7 @@ def simulate(groups: Sequence[GroupTiming], placement: Sequence[str], write_bps:
         for i in range(n - 1, -1, -1):
             reach[i] = t
             if i in rank:
-                k = rank[i]
-                if depth <= 0:
-                    trigger = i
-                elif window is not None:
-                    trigger = min(i + window, n - 1)
-                    while trigger > i and groups[trigger].nbytes <= 0 and trigger != n - 1:
-                        trigger -= 1  # only groups with tensors (or the first) fire
-                else:
-                    above = k + depth + 1
-                    trigger = offloaded[above] - 1 if above < len(offloaded) else n - 1
-                issue = reach[max(trigger, i)]
+                issue = reach[request_point(i, offloaded, fires, readahead)]
                 issue_at[i] = issue
                 tier = placement[i]
                 if not (w_end[i] == math.inf or w_end[i] > issue):  # else still in memory: no read

@@ -4,18 +4,23 @@ autograd holds instead of tensors.
 States (``State``)::
 
     RESIDENT --write--> WRITING --done--> ON_DISK --load--> LOADING --done--> LOADED --last handle--> FREED
-        ^                  |  |                                |                     ^
+        ^                  |  |                 |              |                     ^
         +---- write failed-+  +--- done, backward already here ----------------------+
-                                                  read failed -+--> FAILED (unpack raises)
+                                                |  read failed -+--> FAILED (unpack raises)
+                                                +-- discarded (abort, close) --^
 
 ``RESIDENT`` and ``WRITING`` hold the original storage (backward that comes early is served
 from it: "forwarding"); ``ON_DISK`` holds nothing but the extent; ``LOADED`` holds a fresh
 buffer. Every transition is checked against ``_ALLOWED``; a wrong one is a bug and raises
 ``StateError``. The cache lock guards state, refcounts and the dedup index.
 
+Resident bytes (``OffloadStats.resident_bytes``) follow the states: an entry counts from
+``add`` while its state is in ``HOLDS_MEMORY``, and ``transition`` is the only place that
+changes the count — no caller adds or subtracts by hand.
+
 A ``Handle`` is what the pack hook returns: (entry, view spec). Autograd drops it when the graph
-is freed; the release of the last one (at the next drain of ``releases``, never inside the
-garbage collector: see ``releases.py``) frees the entry's extent and memory. Every handle of an entry was packed
+is freed; ``unref`` of the last one (run by ``transfers.Transfers.release`` at the next drain of
+``releases``, never inside the garbage collector: see ``releases.py``) says the entry may be freed. Every handle of an entry was packed
 from a view of one root tensor at one version (``StorageToken.matches``), so the entry's version
 witness (``views.version_witness``) answers "was it modified in place since?" for all of them.
 """
@@ -31,6 +36,7 @@ import torch
 
 from .errors import StateError
 from .releases import ReleaseQueue
+from .stats import StatsCollector
 from .views import StorageToken, ViewSpec
 
 
@@ -47,7 +53,7 @@ class State(enum.Enum):
 _ALLOWED = {
     State.RESIDENT: {State.WRITING, State.FREED},
     State.WRITING: {State.ON_DISK, State.LOADED, State.RESIDENT, State.FREED},
-    State.ON_DISK: {State.LOADING, State.FREED},
+    State.ON_DISK: {State.LOADING, State.FAILED, State.FREED},  # FAILED: discarded unread
     State.LOADING: {State.LOADED, State.FAILED, State.FREED, State.ON_DISK},  # ON_DISK: interrupted before it began
     State.LOADED: {State.FREED},
     State.FAILED: {State.FREED},
@@ -74,7 +80,9 @@ class Entry:
     storage: Optional[torch.UntypedStorage] = None
     token: Optional[StorageToken] = None
     witness: Optional[torch.Tensor] = None  # shares the saved tensor's version counter, no memory
-    extent: Any = None
+    place: Any = None              # the places.Place that holds it off the device
+    extent: Any = None             # its location there (a spill-file Extent, a HostSlot)
+    wanted: bool = False           # backward asked for it while it was being written: keep it
     state: State = State.RESIDENT
     refs: int = 0
     write_future: Any = None
@@ -111,22 +119,25 @@ class Handle:
 
 
 class OffloadCache:
-    """Entries by scope, the storage-dedup index and reference counting."""
+    """Entries by scope, the storage-dedup index, reference counting and the resident bytes."""
 
-    def __init__(self, on_free) -> None:
+    def __init__(self, stats: StatsCollector) -> None:
         self.lock = threading.RLock()
         #: Dead handles waiting for their release (drained by the hooks and the offloader).
         self.releases = ReleaseQueue()
-        self._on_free = on_free   # called (outside the lock) with an entry that became FREED
+        self.stats = stats
         self._index: Dict[Tuple[str, int], Entry] = {}
         self.scopes: Dict[Any, Dict[int, List[Entry]]] = {}
 
     # -- state machine -------------------------------------------------------------------
-    @staticmethod
-    def transition(entry: Entry, new: State) -> None:
-        if new not in _ALLOWED[entry.state]:
-            raise StateError(f"{entry.describe()}: illegal transition {entry.state.value} -> {new.value}")
+    def transition(self, entry: Entry, new: State) -> None:
+        old = entry.state
+        if new not in _ALLOWED[old]:
+            raise StateError(f"{entry.describe()}: illegal transition {old.value} -> {new.value}")
         entry.state = new
+        held, holds = old in HOLDS_MEMORY, new in HOLDS_MEMORY
+        if held != holds:
+            self.stats.resident(entry.nbytes if holds else -entry.nbytes)
 
     # -- dedup ---------------------------------------------------------------------------
     def lookup(self, key: Tuple[str, int], tensor: torch.Tensor, scope: Any) -> Optional[Entry]:
@@ -141,26 +152,32 @@ class OffloadCache:
             return entry
 
     def add(self, key: Tuple[str, int], entry: Entry) -> None:
+        """Index a new (RESIDENT) entry; its bytes count as resident from now on."""
+        assert entry.state is State.RESIDENT
         with self.lock:
             entry.key = key
             self._index[key] = entry
             self.scopes.setdefault(entry.scope, {}).setdefault(entry.group, []).append(entry)
+        self.stats.resident(entry.nbytes)
 
     def new_handle(self, entry: Entry, tensor: torch.Tensor) -> Handle:
+        """A handle to ``entry`` for ``tensor``'s view (one more reference). The caller
+        watches it (``releases.watch``) and calls ``unref`` when it died."""
         handle = Handle(entry, tensor)
         with self.lock:
             entry.refs += 1
-        self.releases.watch(handle, self.release, entry)
         return handle
 
     # -- lifetime ------------------------------------------------------------------------
-    def release(self, entry: Entry) -> None:
+    def unref(self, entry: Entry) -> bool:
+        """One handle of ``entry`` died; True when it was the last (the entry is then out of
+        the index and the scope lists, and the caller frees it)."""
         with self.lock:
             entry.refs -= 1
             if entry.refs > 0:
-                return
+                return False
             self._forget(entry)
-        self._on_free(entry)
+        return True
 
     def _forget(self, entry: Entry) -> None:
         if self._index.get(entry.key) is entry:

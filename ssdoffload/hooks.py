@@ -8,31 +8,34 @@ to the spill store or the host-RAM tier; the graph then holds no reference to th
 
 Autograd does not check saved tensors' versions when saved-tensor hooks are set, so every
 wrapper carries the version at pack time and ``unpack`` raises the error autograd would raise
-("modified by an inplace operation") when it changed — for kept tensors as for offloaded ones. Where an offloadable tensor goes is the
-``placement(scope)`` callable's answer (``"ssd"``, ``"ram"`` or ``"device"``), asked after the
-dedup lookup, so a storage already offloaded is never kept twice.
+("modified by an inplace operation") when it changed — for kept tensors as for offloaded ones.
+Where an offloadable tensor goes is ``placement.place_for(group)``'s answer (a ``places.Place``),
+asked after the dedup lookup, so a storage already offloaded is never kept twice; why a tensor
+was kept is counted in ``OffloadStats.kept`` by reason.
+
 ``unpack`` runs when backward needs the tensor: a kept tensor is returned as is, a handle is
-rebuilt as its exact view over the storage, read back (or still in memory).
+rebuilt as its exact view over the storage, read back (or still in memory). Either way backward
+reached the tensor's group, which ``Prefetcher.backward_reached`` hears.
 """
 from __future__ import annotations
 
 import os
 import threading
-from dataclasses import dataclass
-from typing import Any, Callable, Optional, Set, Tuple
+from typing import Any, Set, Tuple
 
 import torch
 
 from .cache import Entry, Handle, OffloadCache
 from .config import OffloadConfig
 from .errors import OffloadError
+from .forward_position import ForwardPosition
+from .layers import in_backward
+from .placement import Placement
 from .policy import Decision, decide, saved_nbytes
 from .prefetch import Prefetcher
 from .stats import StatsCollector
 from .transfers import Transfers
 from .views import StorageToken, ViewSpec, rebuild, storage_key, version_witness
-from .layers import in_backward
-from .profiling import StepProfiler
 
 
 def modified_error(what: str) -> RuntimeError:
@@ -69,17 +72,18 @@ def keep(tensor: torch.Tensor) -> Any:
 
 
 class Kept(Saved):
-    """A saved tensor the plan keeps on the device. Unpacking it reports backward progress to
-    the profiler; its bytes count as resident (``OffloadStats.resident_bytes``) from the pack
+    """A saved tensor the plan keeps on the device. Unpacking it reports backward progress
+    (``Prefetcher.backward_reached``); its bytes count as resident (``OffloadStats.resident_bytes``) from the pack
     until autograd drops the last ``Kept`` of that storage (released at the next drain of the
     cache's ``ReleaseQueue``: no finaliser), so ``peak_resident_bytes`` is the true peak of
     offloadable activation memory under any plan."""
 
-    __slots__ = ("scope", "__weakref__")
+    __slots__ = ("scope", "group", "__weakref__")
 
-    def __init__(self, tensor: torch.Tensor, scope: Any) -> None:
+    def __init__(self, tensor: torch.Tensor, scope: Any, group: int) -> None:
         super().__init__(tensor, tensor._version)
         self.scope = scope
+        self.group = group
 
 
 class _KeptBytes:
@@ -112,38 +116,23 @@ class _KeptBytes:
         self.stats.resident(-slot[1])
 
 
-@dataclass
-class ScopeState:
-    """Where the forward of one micro-batch is: its key and current group / layer."""
-
-    key: Any
-    group: int = 0
-    layer: Optional[int] = None
-    thread: int = 0  # threading.get_ident() of the thread that opened it
-    filled: int = 0  # bytes offloaded into the current group (grouping by bytes)
-
-
 class SavedTensorHooks:
-    """The pack/unpack pair, bound to one offloader's cache, transfers and prefetcher."""
+    """The pack/unpack pair, bound to one offloader's parts (built before it, passed in)."""
 
     def __init__(self, config: OffloadConfig, cache: OffloadCache, transfers: Transfers,
-                 prefetcher: Prefetcher, stats: StatsCollector,
-                 placement: Callable[[ScopeState], str] = lambda scope: "ssd",
-                 profiler: Optional[StepProfiler] = None) -> None:
+                 prefetcher: Prefetcher, placement: Placement, position: ForwardPosition,
+                 stats: StatsCollector) -> None:
         self.config = config
         self.cache = cache
         self.transfers = transfers
         self.prefetcher = prefetcher
-        self.stats = stats
         self.placement = placement
-        self.profiler = profiler
+        self.position = position
+        self.stats = stats
         self._kept = _KeptBytes(stats)
-        self.scope: Optional[ScopeState] = None
         self._pid = os.getpid()  # handles are only good in the process whose threads and files they use
+        #: Storages of the model's parameters and buffers (refreshed when a scope opens).
         self.param_keys: Set[Tuple[str, int]] = set()
-        #: With no layers to group by: start a new prefetch group every this many offloaded
-        #: bytes, in pack order (backward consumes them roughly in reverse). None: layers group.
-        self.group_bytes: Optional[int] = None
 
     def context(self) -> torch.autograd.graph.saved_tensors_hooks:
         return torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
@@ -155,7 +144,7 @@ class SavedTensorHooks:
             # through this hook eagerly and are offloaded then.
             return tensor
         self.cache.releases.drain()
-        scope = self.scope
+        scope = self.position.scope
         decision = decide(tensor, self.param_keys, self.config.min_offload_bytes, in_backward())
         if decision is Decision.OFFLOAD and (scope is None or self.transfers.closed):
             decision = Decision.NO_SCOPE if scope is None else Decision.CLOSED
@@ -167,18 +156,18 @@ class SavedTensorHooks:
         self.prefetcher.forward_resumed(scope.key)
         key = storage_key(tensor)
         nbytes = tensor.untyped_storage().nbytes()
-        if self.group_bytes is not None:
-            self._group_by_bytes(scope, nbytes)
-        if self.profiler is not None:
-            self.profiler.saved(scope.key, scope.group, key, nbytes)
+        self.position.saved(scope, nbytes)
+        profiler = self.position.profiler
+        if profiler is not None:
+            profiler.saved(scope.key, scope.group, key, nbytes)
         entry = self.cache.lookup(key, tensor, scope.key)
         if entry is not None:
             self.stats.add(dedup_hits=1)
-            return self.cache.new_handle(entry, tensor)
-        place = self.placement(scope)
-        if place == "device":
+            return self.transfers.new_handle(entry, tensor)
+        place = self.placement.place_for(scope.group)
+        if not place.offloads:
             self.stats.kept(Decision.LAYER_KEPT.value, nbytes, plan=True)
-            kept = Kept(tensor, scope.key)
+            kept = Kept(tensor, scope.key, scope.group)
             self._kept.add(key, nbytes)
             self.cache.releases.watch(kept, self._kept.drop, key)
             return kept
@@ -187,22 +176,10 @@ class SavedTensorHooks:
                       device=tensor.device, label=ViewSpec.of(tensor).describe(), storage=storage,
                       token=StorageToken(tensor), witness=version_witness(tensor))
         self.cache.add(key, entry)
-        handle = self.cache.new_handle(entry, tensor)
+        handle = self.transfers.new_handle(entry, tensor)
         self.stats.add(tensors_offloaded=1, offloadable_bytes=entry.nbytes)
-        self.stats.resident(entry.nbytes)
         self.transfers.start_write(entry, place)
         return handle
-
-    def _group_by_bytes(self, scope: ScopeState, nbytes: int) -> None:
-        """Open a new group once the current one holds ``group_bytes`` (each group then is
-        read back as a unit, ``depth`` groups ahead of backward, as a layer would be)."""
-        assert self.group_bytes is not None
-        if scope.filled and scope.filled + nbytes > self.group_bytes:
-            scope.group += 1
-            scope.filled = 0
-            if self.profiler is not None:
-                self.profiler.group(scope.key, scope.group)
-        scope.filled += nbytes
 
     def unpack(self, packed: Any) -> torch.Tensor:
         if isinstance(packed, torch.Tensor):  # kept as is (also what pack returns while tracing)
@@ -210,8 +187,8 @@ class SavedTensorHooks:
         self.cache.releases.drain()
         if not isinstance(packed, Handle):
             if isinstance(packed, Saved):
-                if isinstance(packed, Kept) and self.profiler is not None:
-                    self.profiler.backward(packed.scope)
+                if isinstance(packed, Kept):
+                    self.prefetcher.backward_reached(packed.scope, packed.group)
                 return packed.get()
             return packed
         entry = packed.entry
@@ -222,10 +199,8 @@ class SavedTensorHooks:
                 f"ssdoffload: {entry.describe()} belongs to process {self._pid}; backward of a graph "
                 f"built there cannot run in forked process {os.getpid()} (run backward in the "
                 "parent, or build the graph in the child with its own Offloader)")
-        if self.profiler is not None:
-            self.profiler.backward(entry.scope)
         if packed.modified_in_place():
             raise modified_error(entry.describe())
-        self.prefetcher.on_backward_reached(entry.scope, entry.group)
+        self.prefetcher.backward_reached(entry.scope, entry.group)
         storage = self.transfers.materialize(entry)
         return rebuild(storage, packed.spec)

@@ -12,10 +12,14 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence
 
 import torch
 from torch.utils._pytree import tree_flatten
+
+if TYPE_CHECKING:
+    from .forward_position import ForwardPosition
+    from .prefetch import Prefetcher
 
 log = logging.getLogger("ssdoffload")
 
@@ -42,19 +46,17 @@ def in_backward() -> bool:
 
 
 class LayerTracker:
-    """Forward hooks on the layers that report enter/exit and arm backward triggers.
+    """Forward hooks on the layers that move the forward position (``ForwardPosition``
+    ``enter_layer`` / ``exit_layer``) and arm a backward trigger: a gradient hook on the
+    layer's output that tells the prefetcher, right before the layer's backward, that backward
+    reached the layer's group. Hooks act only while a scope is open."""
 
-    ``on_enter(index)`` / ``on_exit(index)`` are called during forward; ``on_backward(token)``
-    is called with whatever ``on_exit`` returned, from a gradient hook on the layer's outputs,
-    right before that layer's backward.
-    """
-
-    def __init__(self, layers: Sequence[torch.nn.Module], on_enter: Callable[[int], None],
-                 on_exit: Callable[[int], object], on_backward: Callable[[object], None]) -> None:
+    def __init__(self, layers: Sequence[torch.nn.Module], position: "ForwardPosition",
+                 prefetcher: "Prefetcher") -> None:
         self.layers = list(layers)
         self._index: Dict[int, int] = {id(m): i for i, m in enumerate(self.layers)}
-        self._on_enter, self._on_exit, self._on_backward = on_enter, on_exit, on_backward
-        self.active = False
+        self.position = position
+        self.prefetcher = prefetcher
         self._handles = []
         for module in self.layers:
             self._handles.append(module.register_forward_pre_hook(self._pre_hook))
@@ -66,13 +68,13 @@ class LayerTracker:
     def _pre_hook(self, module: torch.nn.Module, args) -> None:
         if torch.compiler.is_compiling():
             return  # traced into a compiled graph: it would not run per call (see offloader)
-        if self.active and not in_backward():
-            self._on_enter(self._index[id(module)])
+        if self.position.scope is not None and not in_backward():
+            self.position.enter_layer(self._index[id(module)])
 
     def _post_hook(self, module: torch.nn.Module, args, output) -> None:
-        if torch.compiler.is_compiling() or not self.active or in_backward():
+        if torch.compiler.is_compiling() or self.position.scope is None or in_backward():
             return
-        token = self._on_exit(self._index[id(module)])
+        token = self.position.exit_layer(self._index[id(module)])
         if token is None:
             return
         for t in tree_flatten(output)[0]:
@@ -82,7 +84,7 @@ class LayerTracker:
             # others (torch 2.13, register_hook) — where autograd itself would not complain.
             # A layer that returns only views gets no trigger; its unpacks still prefetch.
             if isinstance(t, torch.Tensor) and t._base is None and t.requires_grad:
-                t.register_hook(functools.partial(_grad_trigger, self._on_backward, token))
+                t.register_hook(functools.partial(_grad_trigger, self.prefetcher.backward_reached, *token))
                 break  # one trigger per layer is enough
 
     def remove(self) -> None:
@@ -91,6 +93,7 @@ class LayerTracker:
         self._handles = []
 
 
-def _grad_trigger(callback: Callable[[object], None], token: object, grad: torch.Tensor) -> None:
-    callback(token)
+def _grad_trigger(backward_reached: Callable[[object, int], int], scope: object, group: int,
+                  grad: torch.Tensor) -> None:
+    backward_reached(scope, group)
     return None

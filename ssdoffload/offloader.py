@@ -25,20 +25,23 @@ from typing import Any, Iterator, Optional, Sequence
 
 import torch
 
-from .adaptive import RAM, SSD, AdaptivePolicy, Plan, StepObservation
+from .adaptive import AdaptivePolicy, Plan, StepObservation
 from .cache import OffloadCache, State
-from .config import OffloadConfig
+from .config import OffloadConfig, current_rank
 from .errors import OffloadError
+from .forward_position import ForwardPosition, ScopeState
 from .forward_scopes import ForwardScopes
-from .hooks import SavedTensorHooks, ScopeState
+from .hooks import SavedTensorHooks
+from .host_ram import HostTier
 from .io import make_engine
 from .layers import LayerTracker, find_layers
+from .placement import Placement
+from .places import DrivePlace, HostRamPlace, Places
 from .policy import parameter_storages
 from .prefetch import Prefetcher
 from .profiling import StepProfiler
 from .stats import OffloadStats, StatsCollector
-from .store import SpillStore
-from .tiers import HostTier, RateLimiter
+from .store import SpillStore, prepare_rank_parents
 from .transfers import Transfers, wait_for
 
 #: Fewer bytes than this moved in a step say little about a drive's bandwidth.
@@ -87,34 +90,41 @@ class Offloader:
         self._lock = threading.RLock()
         self._stats = StatsCollector()
         self._step_keys = itertools.count()
-        self._active_scope: Optional[ScopeState] = None
         self.paths = config.resolved_paths()
-        self._store: Optional[SpillStore] = None
         self.engine = None
+        self.places: Optional[Places] = None
         self.tracker: Optional[LayerTracker] = None
         self.tier: Optional[HostTier] = None
         self.adaptive: Optional[AdaptivePolicy] = None
         self.profiler: Optional[StepProfiler] = None
+        self.position = ForwardPosition()
         self._group_bytes_fixed = True
         self._attached: list = []  # ForwardScopes handles made by attach()
-        self._layer_seen = False   # a layer hook ran (False after a step: compiled, see end_step)
         if not config.enabled:
             return
-        self._store = SpillStore(self.paths, config.initial_file_bytes)
+        prepare_rank_parents(config.paths, current_rank())  # .../rank{rank}: the job's directory
+        store: Optional[SpillStore] = SpillStore(self.paths, config.initial_file_bytes)
+        drive: Optional[DrivePlace] = None
         try:
+            # The parts, each built from the ones below it (nothing is wired in afterwards):
+            # 1. the I/O engine, the entries' cache and the places an entry can go.
             self.engine = make_engine(config)
-            self.cache = OffloadCache(on_free=self._on_free)
+            self.cache = OffloadCache(self._stats)
+            drive = DrivePlace(store, self.paths, config.initial_file_bytes, self.engine, self._stats,
+                               verify=config.checksums, write_cap=config.max_write_bandwidth,
+                               read_cap=config.max_read_bandwidth)
+            store = None  # the drive place owns it now
+            ram = None
             if config.host_cache_bytes > 0:
-                self.tier = HostTier(config.host_cache_bytes)
-            self.transfers = Transfers(self.engine, self._get_store, self.cache, self._stats,
-                                       verify=config.checksums, tier=self.tier,
-                                       max_write_bandwidth=config.max_write_bandwidth,
-                                       max_read_bandwidth=config.max_read_bandwidth)
-            self.prefetcher = Prefetcher(self.cache, self.transfers, config.prefetch_depth)
-            self.transfers.wanted = self.prefetcher.is_requested
+                self.tier = HostTier(config.host_cache_bytes, self._stats)
+                ram = HostRamPlace(self.tier, self.engine, self._stats, overflow=drive)
+            self.places = Places(drive, ram)
+            # 2. the entries' transfers between states.
+            self.transfers = Transfers(self.cache, self._stats)
+            # 3. the plan: measured (adaptive) or fixed; it owns placement and read-ahead.
             layers = config.layers if config.layers is not None else find_layers(model)
             if config.policy == "adaptive":
-                self.profiler = StepProfiler(by_bytes=not layers)
+                self.profiler = StepProfiler()
                 # On a CPU host the tier keeps tensors in place: host memory is the device's,
                 # so a RAM placement would save nothing and the plan is made without it.
                 cuda = self._on_cuda()
@@ -122,16 +132,23 @@ class Offloader:
                     depth=config.prefetch_depth, host_cache_bytes=config.host_cache_bytes if cuda else 0,
                     write_cap=config.max_write_bandwidth, read_cap=config.max_read_bandwidth,
                     tolerance=config.stall_tolerance, ram_bps=_PCIE_BYTES_PER_S)
-            self.hooks = SavedTensorHooks(config, self.cache, self.transfers, self.prefetcher, self._stats,
-                                          placement=self._place, profiler=self.profiler)
+            self.placement = Placement(self.places, self.adaptive, config.prefetch_depth)
+            # 4. read-ahead, the forward position, the hooks and the layer hooks.
+            self.prefetcher = Prefetcher(self.cache, self.transfers, self.placement, self.profiler)
+            self.position = ForwardPosition(self.profiler)
             if not layers:
                 # No blocks to group by (torchvision-style nn.Sequential stages, a custom model,
                 # no model): group saved tensors by bytes in pack order instead.
-                self.hooks.group_bytes = _FIRST_GROUP_BYTES
+                self.position.group_bytes = _FIRST_GROUP_BYTES
                 self._group_bytes_fixed = False
-            self.tracker = LayerTracker(layers, self._enter_layer, self._exit_layer, self._layer_backward)
+            self.hooks = SavedTensorHooks(config, self.cache, self.transfers, self.prefetcher, self.placement,
+                                          self.position, self._stats)
+            self.tracker = LayerTracker(layers, self.position, self.prefetcher)
         except BaseException:
-            self._close_store(failed=True)  # also removes the directories it made
+            if store is not None:
+                store.close(failed=True)  # also removes the directories it made
+            elif drive is not None:
+                drive.discard(failed=True)
             self.close()
             raise
         _live.add(self)
@@ -211,39 +228,19 @@ class Offloader:
         KeyboardInterrupt that lands half-way closes it again: no scope is left open."""
         self._check_open()
         with self._lock:
-            active = self._active_scope
-            if active is not None:
-                where = "on this thread" if active.thread == threading.get_ident() else "on another thread"
-                raise OffloadError(
-                    f"micro-batch {key!r} started while micro-batch {active.key!r} is open {where}; "
-                    "scopes do not nest and one Offloader serves one training loop: close one "
-                    "before opening the next (use one Offloader per thread that trains)")
-            if self._store is None:  # removed after an aborted step
-                # Made again on what still works: a path whose drive died is left out (with a
-                # warning) and, with none left, tensors stay in memory.
-                self._store = SpillStore(self.paths, self.config.initial_file_bytes, require_all=False)
-            scope = ScopeState(key, thread=threading.get_ident())
-            self._active_scope = scope
+            self.places.drive.reopen()  # no-op unless an aborted step removed the files
+            scope = self.position.open(key, self._on_cuda())
         try:
             self._release_dead()
             self.prefetcher.forget(key)
-            if self.profiler is not None:
-                self.profiler.open(key, self._on_cuda())
             self.hooks.param_keys = parameter_storages([self.model] if self.model is not None else [])
-            self.hooks.scope = scope
-            self.tracker.active = True
         except BaseException:
             self._close_scope(scope)
             raise
         return scope
 
     def _close_scope(self, scope: ScopeState) -> None:
-        # Plain stores first, with no call in between: an interrupt can surface only at a call,
-        # so once this starts the scope is closed.
-        self.tracker.active = False
-        self.hooks.scope = None
-        if self._active_scope is scope:
-            self._active_scope = None
+        self.position.close(scope)
 
     def prefetch(self, key: Any) -> int:
         """Micro-batch ``key``'s backward comes next: start reading its last layers now.
@@ -283,7 +280,7 @@ class Offloader:
                         "region, its backward is one autograd node that needs every saved tensor "
                         "at once, so offloading cannot lower the peak: compile each block instead "
                         "(block.compile(), as torchtitan does)", len(self.layers))
-            self.hooks.group_bytes = _FIRST_GROUP_BYTES
+            self.position.group_bytes = _FIRST_GROUP_BYTES
             self._group_bytes_fixed = False
             self._size_byte_groups()
         elif self._groups_by_bytes() and not self._group_bytes_fixed and not self._closed:
@@ -294,12 +291,12 @@ class Offloader:
 
     def _layers_silent(self) -> bool:
         """Layers are tracked, this step offloaded tensors, yet no layer was ever entered."""
-        if not self.enabled or self.hooks.group_bytes is not None or not self.layers or self._layer_seen:
+        if not self.enabled or self.position.group_bytes is not None or not self.layers or self.position.layer_seen:
             return False
         return self._stats.snapshot("step").tensors_offloaded > 0
 
     def _groups_by_bytes(self) -> bool:
-        return self.enabled and self.hooks.group_bytes is not None
+        return self.enabled and self.position.group_bytes is not None
 
     def _size_byte_groups(self) -> None:
         """After the first step: size the byte groups from what it offloaded, so a step has
@@ -310,7 +307,7 @@ class Offloader:
         if total <= 0:
             return  # nothing offloaded yet (a warm-up without grad?): size it next step
         size = max(_MIN_GROUP_BYTES, total // _GROUPS_PER_STEP)
-        self.hooks.group_bytes = size
+        self.position.group_bytes = size
         self._group_bytes_fixed = True
         if self.profiler is not None:
             self.profiler.discard()
@@ -336,7 +333,7 @@ class Offloader:
         if self.adaptive is None:
             raise ValueError(f"Offloader.set_plan needs OffloadConfig.policy='adaptive' (this one has "
                              f"policy={self.config.policy!r}, which offloads everything)")
-        if self._active_scope is not None:
+        if self.position.scope is not None:
             raise RuntimeError("Offloader.set_plan was called inside a step; call it between steps")
         if placement is None:
             self.adaptive.unpin()
@@ -355,8 +352,6 @@ class Offloader:
             prefetch_depth = current.prefetch_depth if current is not None else self.config.prefetch_depth
         _check_depth(prefetch_depth, self.config.prefetch_depth)
         plan = self.adaptive.pin(placement, prefetch_depth)
-        if plan.prefetch_depth > 0:
-            self.prefetcher.window = plan.prefetch_depth
         self._stats.add(replans=1)
         self._stats.set(plan_version=plan.version)
         return plan
@@ -369,8 +364,7 @@ class Offloader:
         self.config = dataclasses.replace(self.config, max_write_bandwidth=write, max_read_bandwidth=read)
         if not self.enabled or self._closed:
             return
-        self.transfers.write_limiter = RateLimiter(write) if write else None
-        self.transfers.read_limiter = RateLimiter(read) if read else None
+        self.places.drive.set_caps(write, read)
         if self.adaptive is not None:
             self.adaptive.write_cap, self.adaptive.read_cap = write, read
         log.info("ssdoffload: bandwidth caps now write %s, read %s",
@@ -404,7 +398,7 @@ class Offloader:
     @property
     def spill_files(self) -> list:
         """Paths of the spill files this process has open."""
-        return self._store.paths() if self._store is not None else []
+        return self.places.drive.paths() if self.places is not None else []
 
     def close(self, timeout: Optional[float] = 60.0) -> bool:
         """Finish in-flight I/O, stop the threads, free pinned memory, remove the spill files.
@@ -489,16 +483,9 @@ class Offloader:
             log.debug("ssdoffload: closing a dropped Offloader failed: %s", exc)
 
     # -- internals -----------------------------------------------------------------------
-    def _get_store(self) -> SpillStore:
-        store = self._store
-        if store is None:
-            raise OSError(2, "spill store is closed")
-        return store
-
     def _close_store(self, failed: bool = False) -> None:
-        store, self._store = self._store, None
-        if store is not None:
-            store.close(failed=failed)
+        if self.places is not None:
+            self.places.drive.discard(failed=failed)
 
     def _check_open(self) -> None:
         if self._closed:
@@ -542,12 +529,7 @@ class Offloader:
             with self.cache.lock:
                 if entry.state in discard:
                     entry.error = OffloadError(f"ssdoffload: {entry.describe()} cannot be used: {why}")
-                    if entry.state is State.ON_DISK:
-                        self.cache.transition(entry, State.LOADING)
                     self.cache.transition(entry, State.FAILED)
-
-    def _on_free(self, entry) -> None:
-        self.transfers.on_free(entry)
 
     def _on_cuda(self) -> bool:
         """Whether the model computes on a GPU (the profiler then times with CUDA events)."""
@@ -557,17 +539,11 @@ class Offloader:
             return p.is_cuda
         return False
 
-    def _place(self, scope: ScopeState) -> str:
-        """Where an offloadable tensor saved now goes: "ssd", "ram" or "device"."""
-        if self.adaptive is not None:
-            return self.adaptive.placement(scope.group)
-        return RAM if self.tier is not None else SSD
-
     def _replan(self) -> None:
         """Turn the finished step's measurements into an observation for the adaptive policy."""
         assert self.adaptive is not None and self.profiler is not None
         snap = self._stats.snapshot("step")
-        got = self.profiler.collect(snap.stall_seconds)
+        got = self.profiler.collect(snap.stall_seconds, self.position.by_bytes)
         if got is None:
             return
         groups, compute = got
@@ -579,37 +555,8 @@ class Offloader:
                                                      stall_seconds=snap.stall_seconds,
                                                      compute_seconds=compute))
         if plan is not None:
-            if plan.prefetch_depth > 0:
-                self.prefetcher.window = plan.prefetch_depth
             self._stats.add(replans=1)
             self._stats.set(plan_version=plan.version)
-
-    def _enter_layer(self, index: int) -> None:
-        self._layer_seen = True
-        scope = self.hooks.scope
-        if scope is not None:
-            scope.group += 1
-            scope.layer = index
-            if self.profiler is not None:
-                self.profiler.group(scope.key, scope.group)
-
-    def _exit_layer(self, index: int):
-        scope = self.hooks.scope
-        if scope is None:
-            return None
-        token = (scope.key, scope.group)
-        scope.group += 1
-        scope.layer = None
-        if self.profiler is not None:
-            self.profiler.group(scope.key, scope.group)
-        return token
-
-    def _layer_backward(self, token) -> None:
-        if not self._closed:
-            scope, group = token
-            if self.profiler is not None:
-                self.profiler.backward(scope)
-            self.prefetcher.on_backward_reached(scope, group)
 
 
 def _check_depth(depth: object, configured: int) -> None:

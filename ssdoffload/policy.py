@@ -39,15 +39,15 @@ class Decision(enum.Enum):
 
 
 def parameter_storages(modules: Iterable[torch.nn.Module]) -> Set[Tuple[str, int]]:
-    """(device, address) of every parameter and buffer storage of ``modules`` (plain tensors,
-    and the local tensors of sharded ones)."""
+    """``views.storage_key`` of every parameter and buffer storage of ``modules`` (plain
+    tensors, and the local tensors of sharded ones). Empty storages are left out: they all share
+    address 0, and an empty saved tensor is kept as too small anyway."""
     keys = set()
     for module in modules:
         for t in list(module.parameters()) + list(module.buffers()):
-            if t is not None:
-                key = storage_key(t)
-                if key is not None:
-                    keys.add(key)
+            key = storage_key(t)
+            if key is not None and key[1] != 0:  # address 0: an empty storage
+                keys.add(key)
     return keys
 
 
@@ -89,7 +89,7 @@ def decide(tensor: torch.Tensor, param_keys: Set[Tuple[str, int]], min_offload_b
         return Decision.UNSUPPORTED
     if is_parameter_like(tensor):
         return Decision.PARAMETER
-    if param_keys and (str(tensor.device), tensor.untyped_storage().data_ptr()) in param_keys:
+    if param_keys and storage_key(tensor) in param_keys:
         return Decision.PARAMETER
     if is_autocast_parameter_copy(tensor):
         return Decision.AUTOCAST_PARAMETER_COPY

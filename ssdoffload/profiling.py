@@ -1,8 +1,7 @@
 """Per-step measurements for the adaptive policy: per forward group the offloadable bytes saved
 and the compute time, and the backward time of each micro-batch scope.
 
-Groups are the offloader's prefetch groups (``ScopeState.group``): 0 is what runs before the
-first layer, ``2i + 1`` layer ``i``, ``2i + 2`` what runs after layer ``i``. A *mark* is taken
+Groups are the offloader's prefetch groups (numbered and named by ``forward_position``). A *mark* is taken
 at every group change: ``time.perf_counter()`` on a CPU host, a timing ``torch.cuda.Event``
 recorded on the current stream on CUDA (so the times are GPU times; nothing synchronizes: a
 scope whose events have not completed yet is finished at a later ``collect``).
@@ -22,16 +21,7 @@ from typing import Any, Dict, List, Optional, Set, Tuple
 import torch
 
 from .adaptive import GroupTiming
-
-
-def group_name(group: int, by_bytes: bool = False) -> str:
-    if by_bytes:  # no layers: groups are runs of saved bytes in pack order
-        return f"bytes group {group}"
-    if group == 0:
-        return "before the layers"
-    if group % 2:
-        return f"layer {(group - 1) // 2}"
-    return f"after layer {(group - 2) // 2}"
+from .forward_position import group_name
 
 
 @dataclass
@@ -49,10 +39,9 @@ class StepProfiler:
     """Collects group marks and saved bytes per scope; ``collect`` turns finished scopes into
     per-group timings."""
 
-    def __init__(self, by_bytes: bool = False) -> None:
+    def __init__(self) -> None:
         self._lock = threading.Lock()
         self._scopes: Dict[Any, _ScopeRecord] = {}
-        self.by_bytes = by_bytes  # groups are byte runs, not layers (only their names differ)
 
     @staticmethod
     def _mark(cuda: bool) -> Any:
@@ -100,9 +89,11 @@ class StepProfiler:
         with self._lock:
             self._scopes.clear()
 
-    def collect(self, stall_seconds: float) -> Optional[Tuple[Tuple[GroupTiming, ...], float]]:
+    def collect(self, stall_seconds: float,
+                by_bytes: bool = False) -> Optional[Tuple[Tuple[GroupTiming, ...], float]]:
         """Per-group timings of the scopes whose backward ran and whose marks are complete
         (averaged when several finished), and their compute seconds; ``None`` when none.
+        ``by_bytes``: the groups are byte runs, not layers (only their names differ).
 
         ``stall_seconds`` (backward waiting on reads in the step) is taken out of the
         backward time, which is spread over the groups in proportion to their forward time.
@@ -120,7 +111,7 @@ class StepProfiler:
         if not ready:
             return None
         per_scope_stall = stall_seconds / len(ready)
-        results = [self._timings(rec, per_scope_stall) for rec in ready]
+        results = [self._timings(rec, per_scope_stall, by_bytes) for rec in ready]
         results = [r for r in results if r is not None]
         if not results:
             return None
@@ -146,7 +137,8 @@ class StepProfiler:
             return max(a.elapsed_time(b) / 1e3, 0.0)
         return max(b - a, 0.0)
 
-    def _timings(self, rec: _ScopeRecord, stall: float) -> Optional[Tuple[Tuple[GroupTiming, ...], float]]:
+    def _timings(self, rec: _ScopeRecord, stall: float,
+                 by_bytes: bool) -> Optional[Tuple[Tuple[GroupTiming, ...], float]]:
         marks = rec.marks + [(None, rec.bwd_start)]
         last = max(g for g, _ in rec.marks)
         fwd = [0.0] * (last + 1)
@@ -158,6 +150,6 @@ class StepProfiler:
             return None
         ratio = t_bwd / t_fwd if t_bwd > 0 else 2.0
         groups = tuple(GroupTiming(nbytes=rec.nbytes.get(g, 0), forward_seconds=fwd[g],
-                                   backward_seconds=fwd[g] * ratio, name=group_name(g, self.by_bytes))
+                                   backward_seconds=fwd[g] * ratio, name=group_name(g, by_bytes))
                        for g in range(last + 1))
         return groups, t_fwd + t_fwd * ratio

@@ -216,6 +216,21 @@ def prepare_directory(path: str) -> str:
     return d.path
 
 
+def prepare_rank_parents(templates: Sequence[str], rank: int) -> None:
+    """For each spill path template that ends in ``rank{rank}`` (one directory per rank under
+    a directory of the job's), create that shared parent if it is missing — checked like any
+    spill directory — so every rank can make its own below it. Other templates are left
+    alone: a missing parent there usually means an unmounted drive, which must fail."""
+    suffix = os.path.join("", "rank{rank}")
+    for template in templates:
+        if not template.rstrip("/").endswith(suffix):
+            continue
+        parent = os.path.dirname(os.path.abspath(os.path.expanduser(
+            template.rstrip("/").replace("{rank}", str(rank)))))
+        if not os.path.isdir(parent):
+            prepare_directory(parent)
+
+
 # -- files ---------------------------------------------------------------------------------
 def _new_name() -> str:
     return f"{FILE_PREFIX}{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}{FILE_SUFFIX}"

@@ -1,8 +1,10 @@
-"""Shared training loops for the tests: the same steps with and without offloading."""
+"""Shared test helpers: the tests' ``OffloadConfig`` and training loops, the same steps with and
+without offloading."""
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, List, Optional, Tuple
+import os
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -10,6 +12,33 @@ import ssdoffload
 from ssdoffload.models.gpt import GPT, GPTConfig, synthetic_batch
 
 TINY = GPTConfig(vocab=256, seq=64, hidden=64, heads=4, layers=4, dropout=0.1)
+
+
+def offload_config(path: Union[str, Sequence[str]], nspill: int = 1, *, subdir: Optional[str] = None,
+                   min_offload_bytes: int = 4096, initial_file_bytes: int = 1 << 20,
+                   **overrides) -> ssdoffload.OffloadConfig:
+    """The tests' ``OffloadConfig``: small spill files (1 MiB preallocated) and a 4 KiB
+    ``min_offload_bytes``; any other field in ``overrides``.
+
+    Without ``subdir``, ``path`` is the spill path (or list of paths) as given, nothing is
+    created. With ``subdir``, ``path`` is a directory (e.g. the ``spill_dir`` fixture) that is
+    created here, and the spill paths are ``path/subdir`` formatted with ``i`` = 0 ..
+    ``nspill - 1`` (``subdir="drive{i}"`` gives drive0, drive1, ...); one path is passed as a
+    string, several as a list.
+    """
+    if subdir is None:
+        if nspill != 1:
+            raise ValueError("nspill needs subdir (a name with {i})")
+        spill = path
+    else:
+        names = [subdir.format(i=i) for i in range(nspill)]
+        if len(set(names)) != nspill:
+            raise ValueError(f"subdir={subdir!r} does not name {nspill} distinct directories")
+        os.makedirs(path, exist_ok=True)
+        paths = [os.path.join(path, name) for name in names]
+        spill = paths if nspill > 1 else paths[0]
+    return ssdoffload.OffloadConfig(path=spill, min_offload_bytes=min_offload_bytes,
+                                    initial_file_bytes=initial_file_bytes, **overrides)
 
 
 def train(config: Optional[ssdoffload.OffloadConfig], steps: int = 3, cfg: GPTConfig = TINY,

@@ -1,6 +1,7 @@
 """The adaptive policy: plan choice on synthetic timings (pure functions), re-planning with
 damping, the write-bandwidth cap, and bit-identical gradients while the plan changes (real
 training, real files)."""
+import functools
 import os
 
 import pytest
@@ -10,8 +11,8 @@ import ssdoffload
 from ssdoffload.adaptive import (DEVICE, RAM, SSD, AdaptivePolicy, GroupTiming, StepObservation,
                                  choose_plan, simulate, ssdtrain_prefix)
 from ssdoffload.models.gpt import GPTConfig
-from ssdoffload.tiers import RateLimiter
-from helpers import TINY, assert_bit_identical, train
+from ssdoffload.pacing import RateLimiter
+from helpers import TINY, assert_bit_identical, offload_config, train
 
 MB = 1_000_000
 
@@ -193,10 +194,7 @@ def test_from_dict_accepts_the_new_keys(tmp_path):
 
 
 # -- real training -------------------------------------------------------------------------
-def _cfg(spill_dir, **kw):
-    os.makedirs(spill_dir, exist_ok=True)
-    kw.setdefault("min_offload_bytes", 4096)
-    return ssdoffload.OffloadConfig(path=os.path.join(spill_dir, "d"), initial_file_bytes=1 << 20, **kw)
+_cfg = functools.partial(offload_config, subdir="d")
 
 
 WIDER = GPTConfig(vocab=256, seq=64, hidden=256, heads=4, layers=4, dropout=0.1)
@@ -308,7 +306,7 @@ def test_write_cap_is_honoured(spill_dir):
             largest = max(e.nbytes for e in off.cache.all_entries())
             loss.backward()
         stats = off.stats()
-        starts = list(off.transfers.write_limiter.starts)
+        starts = list(off.places.drive.write_limiter.starts)
     assert stats.bytes_written > 0 and stats.write_throttle_seconds > 0
     assert len(starts) == stats.tensors_offloaded
     # Each write was booked n / cap seconds after the previous one started, so the first and
@@ -327,6 +325,6 @@ def test_no_layers_plans_over_byte_groups(spill_dir):
                 loss = lin(x).tanh().sum()
                 off.wait()  # the writes finish before backward frees their tensors
                 loss.backward()
-        assert off.hooks.group_bytes is not None and off.adaptive is not None
+        assert off.position.group_bytes is not None and off.adaptive is not None
         assert off.plan() is not None and "bytes group 0" in off.plan().describe()
         assert off.stats().bytes_written > 0

@@ -6,6 +6,7 @@ import torch
 
 from ssdoffload.allocator import ALIGNMENT, ExtentAllocator
 from ssdoffload.cache import Entry, OffloadCache, State
+from ssdoffload.stats import StatsCollector
 from ssdoffload.errors import StateError
 
 
@@ -51,21 +52,51 @@ def _entry():
     return Entry(scope="s", group=0, layer=0, nbytes=10, device=torch.device("cpu"), label="(10,) float32")
 
 
+def _cache():
+    return OffloadCache(StatsCollector())
+
+
 def test_state_machine_allows_the_documented_path_only():
+    cache = _cache()
     e = _entry()
     for s in (State.WRITING, State.ON_DISK, State.LOADING, State.LOADED, State.FREED):
-        OffloadCache.transition(e, s)
+        cache.transition(e, s)
     e = _entry()
     with pytest.raises(StateError, match="illegal transition resident -> loaded"):
-        OffloadCache.transition(e, State.LOADED)
-    OffloadCache.transition(e, State.FREED)
+        cache.transition(e, State.LOADED)
+    cache.transition(e, State.FREED)
     with pytest.raises(StateError):
-        OffloadCache.transition(e, State.WRITING)
+        cache.transition(e, State.WRITING)
+    e = _entry()
+    for s in (State.WRITING, State.ON_DISK, State.FAILED, State.FREED):  # discarded unread (abort)
+        cache.transition(e, s)
+
+
+def test_resident_bytes_follow_the_states():
+    """The cache's transitions are the only place resident bytes change: an entry counts while
+    its state holds memory, whatever path it takes."""
+    cache = _cache()
+    resident = lambda: cache.stats.snapshot("step").resident_bytes  # noqa: E731
+    a, b = _entry(), _entry()
+    b.nbytes = 100
+    cache.add(("k", 1), a)
+    cache.add(("k", 2), b)
+    assert resident() == 110
+    path_a = [(State.WRITING, 110), (State.ON_DISK, 100), (State.LOADING, 110), (State.LOADED, 110)]
+    for state, expected in path_a:
+        cache.transition(a, state)
+        assert resident() == expected, state
+    for state, expected in [(State.WRITING, 110), (State.ON_DISK, 10), (State.FAILED, 10), (State.FREED, 10)]:
+        cache.transition(b, state)
+        assert resident() == expected, state
+    cache.transition(a, State.FREED)
+    assert resident() == 0
+    assert cache.stats.snapshot("step").peak_resident_bytes == 110
 
 
 def test_dedup_index_never_matches_a_dead_storage():
     """The allocator may hand a dead tensor's address to a new one: the token must tell."""
-    cache = OffloadCache(on_free=lambda e: None)
+    cache = _cache()
     t = torch.randn(1024)
     key = ("cpu", t.untyped_storage().data_ptr())
     from ssdoffload.views import StorageToken

@@ -85,7 +85,7 @@ def test_models_without_layers_train_exactly_and_prefetch_in_groups(name, spill_
             got, want = _grads_and_reset(model), _grads_and_reset(ref)
             assert all(torch.equal(a, b) for a, b in zip(got, want)), f"step {i}: gradients differ"
         if name != "gpt-modulelist":
-            assert off.hooks.group_bytes is not None, "expected grouping by bytes"
+            assert off.position.group_bytes is not None, "expected grouping by bytes"
     # The first step uses provisional 8 MiB groups; from the second, ~1/16 of a step each.
     assert max(ratios[1:]) <= 0.5, f"backward held {ratios} of the offloaded bytes at once"
 

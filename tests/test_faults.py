@@ -1,6 +1,7 @@
 """Reliability with real faults: corrupted and truncated spill files, a file-size limit, the
 spill directory removed mid-run, a second process on the same path, fork, interrupts, and a
 soak test that injects them at random. No mocks: the faults happen to real files."""
+import functools
 import gc
 import os
 import random
@@ -19,6 +20,7 @@ from torch import nn
 import ssdoffload
 from ssdoffload.cache import State
 from ssdoffload.store import FILE_PREFIX
+from helpers import offload_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -35,11 +37,7 @@ class Net(nn.Module):
         return self.head(x).square().mean()
 
 
-def _config(path, **kw):
-    kw.setdefault("min_offload_bytes", 4096)
-    kw.setdefault("initial_file_bytes", 1 << 20)
-    kw.setdefault("prefetch_depth", 1)
-    return ssdoffload.OffloadConfig(path=path, **kw)
+_config = functools.partial(offload_config, prefetch_depth=1)
 
 
 def _grads(model, x, off=None, between=None):
@@ -267,7 +265,7 @@ def test_keyboard_interrupt_leaves_nothing(tmp_path, where):
 
 def _spill_size(off):
     """Bytes of the open spill files (by descriptor: the directory may be gone)."""
-    store = off._store
+    store = off.places.drive.store
     return max((os.fstat(f.fd).st_size for f in store.files), default=0) if store else 0
 
 

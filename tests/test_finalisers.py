@@ -31,7 +31,7 @@ def offloader(**kw):
 # host keeps the tensor in place (the release returns its memory: stats and tier locks).
 disk, tier = offloader(), offloader(host_cache_bytes=64 << 20)
 cases = [
-    ("spill file", disk, disk._store.files[0]._lock),
+    ("spill file", disk, disk.places.drive.store.files[0]._lock),
     ("pending writes", disk, disk.transfers._pending_lock),
     ("prefetcher", disk, disk.prefetcher._lock),
     ("stats", tier, tier._stats._lock),
@@ -146,7 +146,7 @@ def train_until_interrupted():
 print("ready", flush=True)
 while train_until_interrupted():
     interrupted += 1
-    assert off._active_scope is None, "the interrupted step is still open"
+    assert off.position.scope is None, "the interrupted step is still open"
     print("interrupted", interrupted, flush=True)
 off.close()
 print("result", json.dumps([interrupted, steps, wrong, sorted(os.listdir({path!r}))]), flush=True)

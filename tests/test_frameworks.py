@@ -86,7 +86,7 @@ def test_hf_trainer_exception_in_forward_leaves_nothing_open(tmp_path):
         _hf_train(model, tmp_path, [cb])
     h.remove()
     off = cb.offloader
-    assert off._active_scope is None, "the failed forward left its scope open"
+    assert off.position.scope is None, "the failed forward left its scope open"
     assert _no_hooks_installed(), "the failed forward left the saved-tensor hooks pushed"
     # train() again: the callback starts clean and the run is exact.
     model2, ref = _llama(), _llama()

@@ -1,19 +1,16 @@
 """The host-RAM tier: its byte budget is never exceeded, overflow goes to the spill files,
 reloads from RAM need no disk I/O, and gradients stay bit-identical (CPU; CUDA marked)."""
-import os
+import functools
 
 import pytest
 import torch
 
 import ssdoffload
-from ssdoffload.tiers import HostTier
-from helpers import TINY, assert_bit_identical, train
+from ssdoffload.host_ram import HostTier
+from helpers import TINY, assert_bit_identical, offload_config, train
 
 
-def _cfg(spill_dir, **kw):
-    os.makedirs(spill_dir, exist_ok=True)
-    kw.setdefault("min_offload_bytes", 4096)
-    return ssdoffload.OffloadConfig(path=os.path.join(spill_dir, "d"), initial_file_bytes=1 << 20, **kw)
+_cfg = functools.partial(offload_config, subdir="d")
 
 
 def test_budget_is_strict():

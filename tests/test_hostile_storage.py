@@ -22,6 +22,7 @@ from torch import nn
 
 import ssdoffload
 from ssdoffload.store import FILE_PREFIX, SpillStore
+from helpers import offload_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OTHER_UID = 65534  # "nobody": a second local user
@@ -102,12 +103,6 @@ def _mlp():
     return nn.Sequential(nn.Linear(256, 256), nn.GELU(), nn.Linear(256, 256), nn.GELU(), nn.Linear(256, 256))
 
 
-def _config(path, **kw):
-    kw.setdefault("min_offload_bytes", 4096)
-    kw.setdefault("initial_file_bytes", 1 << 20)
-    return ssdoffload.OffloadConfig(path=path, **kw)
-
-
 def _grads(model, x, settle=None):
     """Gradients of one step; with ``settle`` (an Offloader) its writes finish before backward,
     so whether a write happens does not depend on who wins the race to the tensor."""
@@ -151,7 +146,7 @@ def test_a_dying_drive_leaves_training_on_the_healthy_one(ext4, tmp_path, when, 
     model, ref = _mlp(), _mlp()
     xs = [torch.randn(512, 256, generator=torch.Generator().manual_seed(i)) for i in range(8)]
     caplog.set_level(logging.WARNING, logger="ssdoffload")
-    off = ssdoffload.Offloader(model, _config([a, b]))
+    off = ssdoffload.Offloader(model, offload_config([a, b]))
     try:
         with off.step():
             _assert_same(_grads(model, xs[0]), _grads(ref, xs[0]))
@@ -198,30 +193,30 @@ def test_directories_another_user_controls_are_refused(tmp_path):
     os.chmod(foreign, 0o1777)
     os.chown(foreign, OTHER_UID, OTHER_UID)
     with pytest.raises(ssdoffload.SpillPathError, match=f"owned by uid {OTHER_UID}"):
-        ssdoffload.Offloader(None, _config(str(foreign)))
+        ssdoffload.Offloader(None, offload_config(str(foreign)))
 
     theirs = tmp_path / "theirs"  # a parent they own: they could rename our directory away
     theirs.mkdir()
     os.chown(theirs, OTHER_UID, OTHER_UID)
     with pytest.raises(ssdoffload.SpillPathError, match="parent .* owned by uid"):
-        ssdoffload.Offloader(None, _config(str(theirs / "spill")))
+        ssdoffload.Offloader(None, offload_config(str(theirs / "spill")))
     assert not (theirs / "spill").exists()
 
     shared = tmp_path / "groupshared"  # group-writable without the sticky bit
     shared.mkdir()
     os.chmod(shared, 0o775)
     with pytest.raises(ssdoffload.SpillPathError, match="writable by its group"):
-        ssdoffload.Offloader(None, _config(str(shared / "spill")))
+        ssdoffload.Offloader(None, offload_config(str(shared / "spill")))
 
     planted = tmp_path / "scratch"  # a symlink in a parent, leading into their directory
     planted.symlink_to(theirs)
     with pytest.raises(ssdoffload.SpillPathError, match="owned by uid"):
-        ssdoffload.Offloader(None, _config(str(planted / "spill")))
+        ssdoffload.Offloader(None, offload_config(str(planted / "spill")))
 
     ours = tmp_path / "nvme"  # a symlink in a parent that leads to a directory of ours is fine
     ours.mkdir(mode=0o700)
     (tmp_path / "alias").symlink_to(ours)
-    with ssdoffload.Offloader(None, _config(str(tmp_path / "alias" / "spill"))) as off:
+    with ssdoffload.Offloader(None, offload_config(str(tmp_path / "alias" / "spill"))) as off:
         assert off.spill_files[0].startswith(str(ours / "spill"))
 
 
@@ -230,7 +225,7 @@ def test_the_spill_file_is_never_reopened_by_name(tmp_path):
     does): every byte still goes to our file, the decoy is neither written nor removed."""
     d = tmp_path / "act"
     model, ref = _mlp(), _mlp()
-    with ssdoffload.Offloader(model, _config(str(d), initial_file_bytes=4 << 20)) as off:
+    with ssdoffload.Offloader(model, offload_config(str(d), initial_file_bytes=4 << 20)) as off:
         (path,) = off.spill_files
         decoy = d / "decoy"
         decoy.write_bytes(b"\0" * (4 << 20))
@@ -292,12 +287,12 @@ def test_concurrent_starts_never_remove_each_others_files(tmp_path):
 def test_a_failed_construction_removes_the_directory_it_made(tmp_path):
     made = tmp_path / "new"
     with pytest.raises(ssdoffload.SpillPathError, match="does not exist"):
-        ssdoffload.Offloader(None, _config([str(made), str(tmp_path / "missing" / "x")]))
+        ssdoffload.Offloader(None, offload_config([str(made), str(tmp_path / "missing" / "x")]))
     assert not made.exists()
     existing = tmp_path / "existing"
     existing.mkdir(mode=0o700)
     with pytest.raises(ValueError, match="kvikio"):  # fails after the spill files were made
-        ssdoffload.Offloader(None, _config([str(made), str(existing)], backend="kvikio"))
+        ssdoffload.Offloader(None, offload_config([str(made), str(existing)], backend="kvikio"))
     assert not made.exists() and existing.exists() and _files(existing) == []
 
 
@@ -329,7 +324,7 @@ def test_close_on_a_frozen_filesystem_returns_and_finishes_later(ext4, caplog):
     caplog.set_level(logging.WARNING, logger="ssdoffload")
     # Room for the whole step up front: growing the file (fallocate) would block the forward
     # itself on the frozen filesystem, before close() is ever reached.
-    off = ssdoffload.Offloader(model, _config(d, initial_file_bytes=16 << 20))
+    off = ssdoffload.Offloader(model, offload_config(d, initial_file_bytes=16 << 20))
     (path,) = off.spill_files
     fs.freeze()
     try:
@@ -350,7 +345,8 @@ def test_dropping_an_unclosed_offloader_never_blocks_the_thread_that_drops_it(ex
     once the drive answers."""
     fs = ext4()
     model = _mlp()
-    holder = [ssdoffload.Offloader(model, _config(os.path.join(fs.root, "spill"), initial_file_bytes=16 << 20))]
+    holder = [ssdoffload.Offloader(model, offload_config(os.path.join(fs.root, "spill"),
+                                                         initial_file_bytes=16 << 20))]
     (path,) = holder[0].spill_files
     with holder[0].step():
         model(torch.randn(512, 256)).square().mean().backward()
@@ -405,7 +401,8 @@ def test_a_full_drive_keeps_training_exact(ext4):
         ref = copy.deepcopy(model)
         x = torch.randn(2048, 256)  # 2 MiB per saved activation, ~32 MiB saved in all
         with pytest.warns(RuntimeWarning, match="keeping it in memory"):
-            with ssdoffload.Offloader(model, _config(os.path.join(fs.root, "spill"), initial_file_bytes=4096)) as off:
+            config = offload_config(os.path.join(fs.root, "spill"), initial_file_bytes=4096)
+            with ssdoffload.Offloader(model, config) as off:
                 with off.step():
                     got = _grads(model, x, settle=off)
                 st = off.stats()
@@ -474,7 +471,7 @@ def test_corruption_is_caught_with_the_default_config(ext4, tmp_path, fault):
     d = os.path.join(fs.root, "spill") if fs is not None else str(tmp_path / "act")
     model, ref = _mlp(), _mlp()
     x = torch.randn(512, 256, generator=torch.Generator().manual_seed(0))
-    cfg = _config(d)
+    cfg = offload_config(d)
     assert cfg.verify is None and cfg.checksums
     with ssdoffload.Offloader(model, cfg) as off:
         with pytest.raises(ssdoffload.SpillReadError, match="checksum mismatch"):

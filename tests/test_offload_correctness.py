@@ -1,5 +1,6 @@
 """Gradients with offloading are bit-identical to gradients without it (CPU, real files,
 real threads, real native engine)."""
+import functools
 import os
 
 import pytest
@@ -7,15 +8,10 @@ import torch
 from torch import nn
 
 import ssdoffload
-from helpers import TINY, assert_bit_identical, train
+from helpers import TINY, assert_bit_identical, offload_config, train
 
 
-def _cfg(spill_dir, nspill=1, **kw):
-    paths = [os.path.join(spill_dir, f"drive{i}") for i in range(nspill)]
-    os.makedirs(spill_dir, exist_ok=True)
-    kw.setdefault("min_offload_bytes", 4096)
-    return ssdoffload.OffloadConfig(path=paths if nspill > 1 else paths[0],
-                                    initial_file_bytes=1 << 20, **kw)
+_cfg = functools.partial(offload_config, subdir="drive{i}")  # _cfg(spill_dir, nspill, **fields)
 
 
 @pytest.mark.parametrize("autocast", [None, torch.bfloat16], ids=["fp32", "bf16"])

@@ -14,6 +14,7 @@ autograd's answer whenever its writes happen.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import threading
 from typing import Callable, List, Optional
@@ -26,20 +27,15 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import ssdoffload
 from ssdoffload import OffloadError
-from helpers import TINY
+from helpers import TINY, offload_config
 
 Sync = Callable[[], None]
 
 
 # -- harness ---------------------------------------------------------------------------------
 
-def _cfg(spill_dir: str, **kw) -> ssdoffload.OffloadConfig:
-    os.makedirs(spill_dir, exist_ok=True)
-    kw.setdefault("min_offload_bytes", 0)
-    kw.setdefault("policy", "all")
-    kw.setdefault("prefetch_depth", 0)
-    kw.setdefault("initial_file_bytes", 1 << 20)
-    return ssdoffload.OffloadConfig(path=os.path.join(spill_dir, "drive0"), **kw)
+# every saved tensor offloaded, no prefetch: the harness decides when reads happen
+_cfg = functools.partial(offload_config, subdir="drive0", min_offload_bytes=0, policy="all", prefetch_depth=0)
 
 
 def _grads(tensors) -> List[Optional[torch.Tensor]]:
@@ -721,6 +717,7 @@ sys.path.insert(0, {tests!r})
 sys.path.insert(0, os.path.dirname({tests!r}))  # this checkout's package, whatever is installed
 import torch, ssdoffload
 from torch import nn
+from helpers import offload_config
 from test_regressions import _OneLayer
 
 def view_of_changed_base(x):
@@ -732,7 +729,7 @@ def view_of_changed_base(x):
 
 x = torch.randn(8, requires_grad=True)
 model = _OneLayer(view_of_changed_base)
-cfg = ssdoffload.OffloadConfig(path={path!r}, min_offload_bytes=0, policy="all", initial_file_bytes=1 << 20)
+cfg = offload_config({path!r}, min_offload_bytes=0, policy="all")
 with ssdoffload.Offloader(model, cfg) as off:
     with off.step():
         model(x)

@@ -12,6 +12,7 @@ from torch import nn
 
 import ssdoffload
 from ssdoffload.store import FILE_PREFIX
+from helpers import offload_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -25,16 +26,10 @@ def _model():
     return nn.Sequential(nn.Linear(256, 256), nn.GELU(), nn.Linear(256, 256))
 
 
-def _config(path, **kw):
-    kw.setdefault("min_offload_bytes", 4096)
-    kw.setdefault("initial_file_bytes", 1 << 20)
-    return ssdoffload.OffloadConfig(path=path, **kw)
-
-
 def test_private_preallocated_files_removed_on_close(tmp_path):
     d = str(tmp_path / "act")
     model = _model()
-    off = ssdoffload.Offloader(model, _config(d))
+    off = ssdoffload.Offloader(model, offload_config(d))
     assert stat.S_IMODE(os.stat(d).st_mode) == 0o700
     (path,) = off.spill_files
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
@@ -53,7 +48,7 @@ def test_private_preallocated_files_removed_on_close(tmp_path):
 def test_files_removed_after_exception_in_step(tmp_path):
     d = str(tmp_path / "act")
     model = _model()
-    with ssdoffload.Offloader(model, _config(d)) as off:
+    with ssdoffload.Offloader(model, offload_config(d)) as off:
         with pytest.raises(ZeroDivisionError):
             with off.step():
                 model(torch.randn(512, 256)).sum()
@@ -105,9 +100,9 @@ def test_crashed_process_files_reclaimed_by_next_start(tmp_path):
     left = _files(d)
     assert len(left) == 1 and os.path.join(d, left[0]) == out.stdout.strip()
     # A live process's file is never reclaimed: start one that holds its file, then reclaim.
-    with ssdoffload.Offloader(_model(), _config(d)) as live:
+    with ssdoffload.Offloader(_model(), offload_config(d)) as live:
         assert _files(d) == [os.path.basename(live.spill_files[0])]
-        with ssdoffload.Offloader(_model(), _config(d)) as second:
+        with ssdoffload.Offloader(_model(), offload_config(d)) as second:
             assert sorted(_files(d)) == sorted(os.path.basename(p) for p in live.spill_files + second.spill_files)
     assert _files(d) == []
 
@@ -154,17 +149,17 @@ def test_path_that_is_a_file(tmp_path):
     f = tmp_path / "file"
     f.write_text("x")
     with pytest.raises(ssdoffload.SpillPathError, match="not a directory"):
-        ssdoffload.Offloader(_model(), _config(str(f)))
+        ssdoffload.Offloader(_model(), offload_config(str(f)))
 
 
 def test_path_on_a_missing_drive(tmp_path):
     with pytest.raises(ssdoffload.SpillPathError, match="does not exist; is the drive"):
-        ssdoffload.Offloader(_model(), _config(str(tmp_path / "nvme9" / "act")))
+        ssdoffload.Offloader(_model(), offload_config(str(tmp_path / "nvme9" / "act")))
 
 
 def test_missing_last_level_is_created(tmp_path):
     d = tmp_path / "act"
-    with ssdoffload.Offloader(_model(), _config(str(d))):
+    with ssdoffload.Offloader(_model(), offload_config(str(d))):
         assert d.is_dir() and stat.S_IMODE(d.stat().st_mode) == 0o700
 
 
@@ -200,13 +195,13 @@ def test_world_writable_without_sticky_bit_and_symlink_refused(tmp_path):
     d.mkdir()
     os.chmod(d, 0o777)
     with pytest.raises(ssdoffload.SpillPathError, match="writable by every user"):
-        ssdoffload.Offloader(None, _config(str(d)))
+        ssdoffload.Offloader(None, offload_config(str(d)))
     real = tmp_path / "real"
     real.mkdir(mode=0o700)
     link = tmp_path / "link"
     link.symlink_to(real)
     with pytest.raises(ssdoffload.SpillPathError, match="symbolic link"):
-        ssdoffload.Offloader(None, _config(str(link)))
+        ssdoffload.Offloader(None, offload_config(str(link)))
 
 
 def test_planted_fifo_or_foreign_file_is_never_opened_blocking_or_removed(tmp_path):
@@ -225,7 +220,8 @@ def test_planted_fifo_or_foreign_file_is_never_opened_blocking_or_removed(tmp_pa
     foreign.write_bytes(b"x" * 4096)
     os.chown(foreign, 65534, 65534)  # another user's file (we run as root in CI)
     made = []
-    t = threading.Thread(target=lambda: made.append(ssdoffload.Offloader(_model(), _config(str(d)))), daemon=True)
+    t = threading.Thread(target=lambda: made.append(ssdoffload.Offloader(_model(), offload_config(str(d)))),
+                         daemon=True)
     t.start()
     t.join(timeout=60)
     if t.is_alive():

@@ -1,7 +1,6 @@
-"""The host-RAM tier: a strict byte budget of host memory in front of the spill files, and the
-rate limiters (token buckets) that cap the bandwidth of the spill files.
-
-Host tier (``host_cache_bytes``):
+"""Host RAM as a place for activations: a strict byte budget of host memory in front of the
+spill files (``host_cache_bytes``), and the copies in and out of it. ``places.HostRamPlace``
+puts it behind the interface every place has.
 
 * ``HostTier.reserve(nbytes)`` hands out a ``HostSlot`` (4 KiB-aligned length) or ``None`` when
   the budget is full; the caller then sends the tensor to the SSD (overflow). The budget counts
@@ -18,29 +17,29 @@ Host tier (``host_cache_bytes``):
 * CPU tensors: the "device" is host memory already, so a copy would free nothing. The tier then
   keeps up to ``host_cache_bytes`` of activations in place (no copy, no I/O; the slot only
   accounts for the budget) and the overflow goes to the SSD: the tier trades RAM for disk I/O.
-* A slot is returned by ``Transfers.on_free`` once no I/O uses it (``slot.file.free(slot)``,
-  the same path as a spill-file extent). ``close()`` drops the pinned buffer.
+* A slot is returned (``HostTier.free``) once its entry was freed and no copy uses it any more.
+  ``close()`` drops the pinned buffer.
 
 Threads: ``reserve`` runs on the compute thread, ``free`` on whichever thread drops the last
-handle or finishes the last transfer; one lock guards the allocator and the counters.
+handle or finishes the last transfer; one lock guards the allocator and the counters. The tier
+is the one owner of its use: it reports every change to ``StatsCollector.host`` itself.
 """
 from __future__ import annotations
 
 import threading
-import time
 from dataclasses import dataclass
-from typing import Callable, List, Optional
+from typing import Optional
 
 import torch
 
 from .allocator import ALIGNMENT, ExtentAllocator, align_up
+from .stats import StatsCollector
 
 
 @dataclass(frozen=True)
 class HostSlot:
-    """A reservation in the host tier (``file`` is the tier, as for spill-file extents)."""
+    """A reservation in the host tier: ``length`` aligned bytes at ``offset`` of its budget."""
 
-    file: "HostTier"
     offset: int
     length: int
     nbytes: int
@@ -52,8 +51,9 @@ class HostSlot:
 class HostTier:
     """A strict byte budget of host memory, optionally backed by one pinned buffer."""
 
-    def __init__(self, budget: int) -> None:
+    def __init__(self, budget: int, stats: Optional[StatsCollector] = None) -> None:
         self.budget = budget - budget % ALIGNMENT
+        self._stats = stats
         self._lock = threading.Lock()
         self._alloc = ExtentAllocator(self.budget)
         self.used = 0
@@ -75,7 +75,9 @@ class HostTier:
             self.used += length
             assert self.used <= self.budget
             self.peak = max(self.peak, self.used)
-        return HostSlot(self, offset, length, nbytes)
+            if self._stats is not None:
+                self._stats.host(length)
+        return HostSlot(offset, length, nbytes)
 
     def free(self, slot: HostSlot) -> None:
         with self._lock:
@@ -83,6 +85,8 @@ class HostTier:
                 return
             self._alloc.free(slot.offset, slot.length)
             self.used -= slot.length
+            if self._stats is not None:
+                self._stats.host(-slot.length)
 
     def buffer(self) -> torch.Tensor:
         """The pinned buffer the CUDA slots live in (pinned on first use)."""
@@ -137,49 +141,3 @@ class HostTierBackend:
             done.record(self._h2d)
         done.synchronize()  # the slot may be reused as soon as the entry is freed
         return done
-
-
-class RateLimiter:
-    """A token bucket in virtual-clock form: a transfer of ``n`` bytes may start only
-    ``n / rate`` seconds after the previous one started, and idle time earns no credit, so
-    over any window the bytes started are at most ``rate`` x window + one transfer.
-
-    Threads: ``take`` is called by I/O threads; the lock serialises reservations, the sleep is
-    outside it. ``clock``/``sleep`` are injectable for tests of the schedule itself.
-    """
-
-    def __init__(self, rate: float, clock: Callable[[], float] = time.perf_counter,
-                 sleep: Callable[[float], None] = time.sleep) -> None:
-        if not rate > 0:
-            raise ValueError(f"rate={rate!r} must be > 0 bytes per second")
-        self.rate = float(rate)
-        self._clock = clock
-        self._sleep = sleep
-        self._next = -float("inf")
-        self._lock = threading.Lock()
-        self.starts: List[float] = []  # the last start times granted (bounded), for inspection
-
-    def reserve(self, nbytes: int) -> float:
-        """Book ``nbytes``; returns the absolute time the transfer may start."""
-        with self._lock:
-            now = self._clock()
-            start = max(now, self._next)
-            self._next = start + nbytes / self.rate
-            self.starts.append(start)
-            del self.starts[:-256]
-            return start
-
-    def take(self, nbytes: int, cancelled: Optional[Callable[[], bool]] = None) -> float:
-        """Block until ``nbytes`` may be moved; returns the seconds waited.
-
-        ``cancelled`` is polled while waiting (every 10 ms at most): when it turns true the
-        wait ends early (the booking stays, so the cap still holds for what follows).
-        """
-        start = self.reserve(nbytes)
-        t0 = self._clock()
-        while True:
-            wait = start - self._clock()
-            if wait <= 0 or (cancelled is not None and cancelled()):
-                break
-            self._sleep(min(wait, 0.01) if cancelled is not None else wait)
-        return max(self._clock() - t0, 0.0)
