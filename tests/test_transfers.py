@@ -1,0 +1,151 @@
+"""``Transfers`` on its own: entries moved through their states by real writes and reads to
+real spill files (the native engine) and the host-RAM place, built the way ``Offloader``
+builds them — no autograd, no hooks.
+
+To make "the write has not started yet" certain rather than likely, the engine's one write
+thread is first given a job that waits on an event the test sets.
+"""
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from ssdoffload.cache import Entry, OffloadCache, State
+from ssdoffload.host_ram import HostTier
+from ssdoffload.io import make_engine
+from ssdoffload.places import DrivePlace, HostRamPlace
+from ssdoffload.stats import StatsCollector
+from ssdoffload.store import SpillStore
+from ssdoffload.transfers import Transfers, wait_for
+from ssdoffload.views import StorageToken, ViewSpec, storage_key, version_witness
+
+from helpers import offload_config
+
+
+class Parts:
+    """Engine, store, places, cache and transfers, as the Offloader wires them."""
+
+    def __init__(self, path: str, host_bytes: int = 0) -> None:
+        config = offload_config(path, io_threads=2)  # one write thread, one read thread
+        self.stats = StatsCollector()
+        self.engine = make_engine(config)
+        store = SpillStore(config.resolved_paths(), config.initial_file_bytes)
+        self.drive = DrivePlace(store, config.resolved_paths(), config.initial_file_bytes, self.engine,
+                                self.stats, verify=True, write_cap=None, read_cap=None)
+        self.tier = HostTier(host_bytes, self.stats) if host_bytes else None
+        self.ram = HostRamPlace(self.tier, self.engine, self.stats, overflow=self.drive) if host_bytes else None
+        self.cache = OffloadCache(self.stats)
+        self.transfers = Transfers(self.cache, self.stats)
+
+    def entry(self, tensor: torch.Tensor) -> Entry:
+        storage = tensor.untyped_storage()
+        e = Entry(scope="mb", group=1, layer=0, nbytes=storage.nbytes(), device=tensor.device,
+                  label=ViewSpec.of(tensor).describe(), storage=storage, token=StorageToken(tensor),
+                  witness=version_witness(tensor))
+        self.cache.add(storage_key(tensor), e)
+        return e
+
+    def hold_writes(self) -> threading.Event:
+        """Occupy the write thread until the returned event is set."""
+        go = threading.Event()
+        self.engine.submit_write(go.wait)
+        return go
+
+    def step(self, key: str) -> int:
+        return getattr(self.stats.snapshot("step"), key)
+
+    def close(self) -> None:
+        self.engine.close()
+        self.drive.discard()
+
+
+@pytest.fixture
+def parts(tmp_path):
+    p = Parts(str(tmp_path / "spill"))
+    yield p
+    p.close()
+
+
+def test_round_trip_through_every_state(parts):
+    t = torch.randn(256, 64)
+    expected = t.clone()
+    e = parts.entry(t)
+    assert parts.step("resident_bytes") == e.nbytes
+    handle = parts.transfers.new_handle(e, t)
+    parts.transfers.start_write(e, parts.drive)
+    assert e.place is parts.drive and e.state in (State.WRITING, State.ON_DISK)
+    wait_for(e.write_future)
+    assert e.state is State.ON_DISK and e.storage is None
+    assert parts.step("resident_bytes") == 0 and parts.step("bytes_written") == e.nbytes
+    del t
+    storage = parts.transfers.materialize(e)  # not prefetched: read on demand
+    assert e.state is State.LOADED and parts.step("bytes_read") == e.nbytes
+    assert torch.equal(torch.empty(0).set_(storage, 0, expected.shape, expected.stride()), expected)
+    assert parts.drive.store.used > 0
+    del handle, storage
+    assert parts.cache.releases.drain() == 1
+    assert e.state is State.FREED and parts.step("resident_bytes") == 0
+    assert parts.drive.store.used == 0  # the extent went back
+
+
+def test_a_prefetch_during_the_write_keeps_the_memory(parts):
+    t = torch.randn(128, 128)
+    e = parts.entry(t)
+    go = parts.hold_writes()
+    parts.transfers.start_write(e, parts.drive)
+    assert e.state is State.WRITING
+    assert parts.transfers.start_load(e, prefetch=True) is False  # nothing to read yet
+    assert e.wanted
+    go.set()
+    wait_for(e.write_future)
+    assert e.state is State.LOADED and e.storage is t.untyped_storage()  # never dropped
+    assert parts.step("bytes_read") == 0 and parts.step("resident_bytes") == e.nbytes
+
+
+def test_an_entry_freed_before_its_write_starts_is_not_written(parts):
+    t = torch.randn(64, 64)
+    e = parts.entry(t)
+    handle = parts.transfers.new_handle(e, t)
+    go = parts.hold_writes()
+    parts.transfers.start_write(e, parts.drive)
+    del handle
+    parts.cache.releases.drain()
+    assert e.state is State.FREED
+    go.set()
+    wait_for(e.write_future)
+    assert parts.step("bytes_written") == 0 and parts.step("writes_skipped") == 1
+    assert parts.drive.store.used == 0 and e.extent is None
+
+
+def test_a_place_that_cannot_take_it_leaves_the_tensor_in_memory(parts):
+    parts.drive.discard()  # the spill files are gone (as after an aborted step)
+    t = torch.randn(64, 64)
+    e = parts.entry(t)
+    with pytest.warns(RuntimeWarning, match="keeping it in memory"):
+        parts.transfers.start_write(e, parts.drive)
+    assert e.state is State.RESIDENT and e.storage is t.untyped_storage() and e.place is None
+    assert parts.step("write_failures") == 1 and parts.step("resident_bytes") == e.nbytes
+    assert parts.transfers.materialize(e) is t.untyped_storage()
+
+
+def test_host_ram_keeps_cpu_tensors_in_place_and_overflows_to_the_drive(tmp_path):
+    parts = Parts(str(tmp_path / "spill"), host_bytes=64 << 10)
+    try:
+        small, big = torch.randn(4096), torch.randn(64, 1024)  # 16 KiB fits, 256 KiB does not
+        a, b = parts.entry(small), parts.entry(big)
+        ha, hb = parts.transfers.new_handle(a, small), parts.transfers.new_handle(b, big)
+        parts.transfers.start_write(a, parts.ram)
+        parts.transfers.start_write(b, parts.ram)
+        assert a.place is parts.ram and a.state is State.RESIDENT  # a CPU tensor: no copy
+        assert parts.tier.used == 16 << 10 and parts.step("host_tier_bytes") == 16 << 10
+        assert b.place is parts.drive
+        wait_for(b.write_future)
+        assert b.state is State.ON_DISK and parts.step("bytes_written") == b.nbytes
+        del ha, hb
+        parts.cache.releases.drain()
+        assert parts.tier.used == 0 and parts.step("host_tier_bytes") == 0
+        assert parts.drive.store.used == 0
+    finally:
+        parts.close()
