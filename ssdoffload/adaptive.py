@@ -40,13 +40,16 @@ class GroupTiming:
     """One forward group (a layer, or what runs before/between/after the layers).
 
     ``nbytes``: offloadable bytes it saves (storages at least ``min_offload_bytes``, each once);
-    ``forward_seconds`` / ``backward_seconds``: its compute time without I/O waits.
+    ``forward_seconds`` / ``backward_seconds``: its compute time without I/O waits;
+    ``input_bytes``: for a layer, the bytes of its tensor inputs (what recomputing it keeps or
+    offloads instead; 0 for the groups between layers, which cannot be recomputed).
     """
 
     nbytes: int
     forward_seconds: float
     backward_seconds: float
     name: str = ""
+    input_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -265,8 +268,11 @@ class Plan:
         """One line per tier: which groups go there; then the prediction and the reason."""
         p = self.prediction
         mib = 1 / (1 << 20)
+        others = [w for w in dict.fromkeys(self.placement) if w not in PLACES]  # budget mode's choices
+        recomputed = "".join(f" {w} [{self._names(self.groups_on(w))}]" for w in others)
         return (f"plan v{self.version}: ssd [{self._names(self.groups_on(SSD))}] "
-                f"ram [{self._names(self.groups_on(RAM))}] device [{self._names(self.groups_on(DEVICE))}]; "
+                f"ram [{self._names(self.groups_on(RAM))}] device [{self._names(self.groups_on(DEVICE))}]"
+                f"{recomputed}; "
                 f"read-ahead {self.prefetch_depth} groups; planned with write {_bps(self.write_bps)}, "
                 f"read {_bps(self.read_bps)}; predicts stall {p.stall_fraction:.1%} of "
                 f"{p.compute_seconds:.3f} s, peak {p.peak_device_bytes * mib:.1f} MiB, "
@@ -446,13 +452,18 @@ class AdaptivePolicy:
         if self._groups is None or len(self._groups) != len(obs.groups):
             self._groups = list(obs.groups)
         else:
-            self._groups = [GroupTiming(nbytes=new.nbytes,
+            self._groups = [GroupTiming(nbytes=self._saved_bytes(i, old, new),
                                         forward_seconds=a * new.forward_seconds + (1 - a) * old.forward_seconds,
                                         backward_seconds=a * new.backward_seconds + (1 - a) * old.backward_seconds,
-                                        name=new.name)
-                            for old, new in zip(self._groups, obs.groups)]
+                                        name=new.name, input_bytes=new.input_bytes or old.input_bytes)
+                            for i, (old, new) in enumerate(zip(self._groups, obs.groups))]
         self._write = self._blend(self._write, obs.write_bps)
         self._read = self._blend(self._read, obs.read_bps)
+
+    def _saved_bytes(self, group: int, old: GroupTiming, new: GroupTiming) -> int:
+        """The group's saved bytes as measured (a subclass keeps what a recomputed layer's
+        forward cannot show)."""
+        return new.nbytes
 
     def _blend(self, old: Optional[float], new: Optional[float]) -> Optional[float]:
         """Running average that follows drops fast (a throttled drive stalls now) and rises

@@ -14,8 +14,9 @@ import torch
 
 BACKENDS = ("auto", "native", "kvikio")
 #: ``"adaptive"``: offload what the drive can hide (measured, re-planned); ``"all"``: every
-#: offloadable tensor, always (the fixed full-offload plan).
-POLICIES = ("adaptive", "all")
+#: offloadable tensor, always (the fixed full-offload plan); ``"budget"``: meet
+#: ``memory_budget`` at the least predicted step time (keep, offload, recompute).
+POLICIES = ("adaptive", "all", "budget")
 
 #: Fields that only make sense from Python (module objects), not from a JSON block.
 _PYTHON_ONLY_FIELDS = ("layers",)
@@ -69,6 +70,13 @@ class OffloadConfig:
             drive). ``None``: no cap.
         stall_tolerance: The adaptive policy's target: predicted backward waiting on reads,
             as a fraction of the step time, that a plan may cost (default 0.01).
+        memory_budget: Budget mode: the most offloadable activation memory a step may hold,
+            in bytes (an int), or as a fraction of the GPU's memory (a float in (0, 1]; CUDA
+            models only). Per layer the plan keeps, offloads to RAM or SSD, recomputes (the
+            offloader checkpoints the layer itself), or recomputes and offloads the layer's
+            input — whatever meets the budget at the least predicted step time, re-planned
+            from measurements. The budget is a guarantee: forward waits for writes when the
+            drive falls behind. Setting it selects ``policy="budget"``.
     """
 
     path: Union[str, Sequence[str]] = ""
@@ -87,6 +95,7 @@ class OffloadConfig:
     max_write_bandwidth: Optional[float] = None
     max_read_bandwidth: Optional[float] = None
     stall_tolerance: float = 0.01
+    memory_budget: Optional[Union[int, float]] = None
     paths: tuple = field(init=False, repr=False, default=())
 
     @property
@@ -115,6 +124,7 @@ class OffloadConfig:
             raise ValueError(
                 f"OffloadConfig.policy={self.policy!r} is not one of {', '.join(POLICIES)}"
             )
+        _validate_budget(self)
         _require_int("host_cache_bytes", self.host_cache_bytes, minimum=0)
         for name in ("max_write_bandwidth", "max_read_bandwidth"):
             value = getattr(self, name)
@@ -190,6 +200,25 @@ class OffloadConfig:
 
 #: The smallest bandwidth cap accepted, in bytes per second (100 KB/s).
 MIN_BANDWIDTH_CAP = 100e3
+
+
+def _validate_budget(config: "OffloadConfig") -> None:
+    budget = config.memory_budget
+    if budget is None:
+        if config.policy == "budget":
+            raise ValueError("OffloadConfig.policy='budget' needs memory_budget: bytes (e.g. 8 << 30) "
+                             "or a fraction of the GPU's memory (e.g. 0.5)")
+        return
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or budget != budget \
+            or budget <= 0 or (isinstance(budget, float) and budget > 1 and budget != int(budget)):
+        raise ValueError(f"OffloadConfig.memory_budget={budget!r} must be a number of bytes (an int >= 1) "
+                         "or a fraction of the GPU's memory (a float in (0, 1])")
+    if isinstance(budget, float) and budget > 1:  # 8e9 written as a float: bytes
+        config.memory_budget = int(budget)
+    if config.policy == "all":
+        raise ValueError("OffloadConfig.memory_budget is set but policy='all' offloads everything; "
+                         "leave policy unset (or 'budget') to meet the budget")
+    config.policy = "budget"
 
 
 def current_rank() -> int:

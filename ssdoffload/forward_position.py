@@ -22,6 +22,11 @@ if TYPE_CHECKING:
     from .profiling import StepProfiler
 
 
+def layer_group(index: int) -> int:
+    """The group of layer ``index`` in a forward that runs its layers in order."""
+    return 2 * index + 1
+
+
 def group_name(group: int, by_bytes: bool = False) -> str:
     """A group's name in plans and logs (see the module docstring for the numbering)."""
     if by_bytes:  # no layers: groups are runs of saved bytes in pack order
@@ -81,12 +86,15 @@ class ForwardPosition:
         if self.scope is scope:
             self.scope = None
 
-    def enter_layer(self, index: int) -> None:
+    def enter_layer(self, index: int, input_bytes: int = 0) -> None:
+        """Layer ``index`` starts, called with ``input_bytes`` of tensor inputs."""
         self.layer_seen = True
         scope = self.scope
         if scope is not None:
             scope.layer = index
             self._next_group(scope)
+            if self.profiler is not None and input_bytes:
+                self.profiler.layer_input(scope.key, scope.group, input_bytes)
 
     def exit_layer(self, index: int) -> Optional[Tuple[Any, int]]:
         """Leave the layer; returns ``(scope key, the layer's group)`` for its backward trigger."""

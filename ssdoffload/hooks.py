@@ -94,6 +94,10 @@ class _KeptBytes:
         self._lock = threading.Lock()
         self._live: dict = {}
 
+    def holds(self, key: Any) -> bool:
+        """Whether a live ``Kept`` holds the storage ``key`` (it cannot be reused meanwhile)."""
+        return key in self._live
+
     def add(self, key: Any, nbytes: int) -> None:
         with self._lock:
             slot = self._live.get(key)
@@ -157,14 +161,24 @@ class SavedTensorHooks:
         key = storage_key(tensor)
         nbytes = tensor.untyped_storage().nbytes()
         self.position.saved(scope, nbytes)
-        profiler = self.position.profiler
-        if profiler is not None:
-            profiler.saved(scope.key, scope.group, key, nbytes)
         entry = self.cache.lookup(key, tensor, scope.key)
         if entry is not None:
             self.stats.add(dedup_hits=1)
             return self.transfers.new_handle(entry, tensor)
-        place = self.placement.place_for(scope.group)
+        budget = self.placement.memory_budget
+        if self._kept.holds(key):
+            # A kept tensor already holds this storage in memory: writing it would free nothing.
+            place = self.placement.places.device
+        else:
+            place = self.placement.place_for(scope.group)
+            profiler = self.position.profiler
+            if profiler is not None:  # new bytes this step (dedup hits and kept storages are not)
+                profiler.saved(scope.key, scope.group, nbytes)
+        if budget is not None and not self.transfers.make_room(nbytes, budget) and not place.offloads:
+            # The budget is full of what cannot leave (kept, or read back): this one goes to
+            # the SSD instead of staying, and forward waits for its write.
+            place = self.placement.places.drive
+            self.stats.add(budget_diversions=1, budget_overruns=1)
         if not place.offloads:
             self.stats.kept(Decision.LAYER_KEPT.value, nbytes, plan=True)
             kept = Kept(tensor, scope.key, scope.group)
@@ -179,6 +193,8 @@ class SavedTensorHooks:
         handle = self.transfers.new_handle(entry, tensor)
         self.stats.add(tensors_offloaded=1, offloadable_bytes=entry.nbytes)
         self.transfers.start_write(entry, place)
+        if budget is not None and not self.transfers.make_room(0, budget) and place.offloads:
+            self.stats.add(budget_overruns=1)  # nothing left to wait for: over, and counted
         return handle
 
     def unpack(self, packed: Any) -> torch.Tensor:
@@ -203,4 +219,8 @@ class SavedTensorHooks:
             raise modified_error(entry.describe())
         self.prefetcher.backward_reached(entry.scope, entry.group)
         storage = self.transfers.materialize(entry)
+        budget = self.placement.memory_budget
+        if budget is not None and self.stats.resident_now() > budget:
+            # Read because backward needs it now, over the budget (a plan that cannot fit).
+            self.stats.add(budget_overruns=1)
         return rebuild(storage, packed.spec)

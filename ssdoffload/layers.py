@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence
 import torch
 from torch.utils._pytree import tree_flatten
 
+from .views import storage_key
+
 if TYPE_CHECKING:
     from .forward_position import ForwardPosition
     from .prefetch import Prefetcher
@@ -69,7 +71,7 @@ class LayerTracker:
         if torch.compiler.is_compiling():
             return  # traced into a compiled graph: it would not run per call (see offloader)
         if self.position.scope is not None and not in_backward():
-            self.position.enter_layer(self._index[id(module)])
+            self.position.enter_layer(self._index[id(module)], _input_bytes(args))
 
     def _post_hook(self, module: torch.nn.Module, args, output) -> None:
         if torch.compiler.is_compiling() or self.position.scope is None or in_backward():
@@ -91,6 +93,18 @@ class LayerTracker:
         for h in self._handles:
             h.remove()
         self._handles = []
+
+
+def _input_bytes(args) -> int:
+    """Bytes of the distinct storages of a layer call's positional tensor inputs (what
+    checkpointing the layer keeps, or offloads, instead of its activations)."""
+    seen, total = set(), 0
+    for t in tree_flatten(args)[0]:
+        key = storage_key(t) if isinstance(t, torch.Tensor) else None
+        if key is not None and key not in seen:
+            seen.add(key)
+            total += t.untyped_storage().nbytes()
+    return total
 
 
 def _grad_trigger(backward_reached: Callable[[object, int], int], scope: object, group: int,

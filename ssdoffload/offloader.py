@@ -26,10 +26,11 @@ from typing import Any, Iterator, Optional, Sequence
 import torch
 
 from .adaptive import AdaptivePolicy, Plan, StepObservation
+from .budget import SAVED_PLACE, BudgetPolicy, recomputes, resolve_budget
 from .cache import OffloadCache, State
 from .config import OffloadConfig, current_rank
 from .errors import OffloadError
-from .forward_position import ForwardPosition, ScopeState
+from .forward_position import ForwardPosition, ScopeState, layer_group
 from .forward_scopes import ForwardScopes
 from .hooks import SavedTensorHooks
 from .host_ram import HostTier
@@ -40,6 +41,7 @@ from .places import DrivePlace, HostRamPlace, Places
 from .policy import parameter_storages
 from .prefetch import Prefetcher
 from .profiling import StepProfiler
+from .recompute import RecomputedLayers
 from .stats import OffloadStats, StatsCollector
 from .store import SpillStore, prepare_rank_parents
 from .transfers import Transfers, wait_for
@@ -97,6 +99,8 @@ class Offloader:
         self.tier: Optional[HostTier] = None
         self.adaptive: Optional[AdaptivePolicy] = None
         self.profiler: Optional[StepProfiler] = None
+        self.memory_budget: Optional[int] = None
+        self.recomputed: Optional[RecomputedLayers] = None
         self.position = ForwardPosition()
         self._group_bytes_fixed = True
         self._attached: list = []  # ForwardScopes handles made by attach()
@@ -123,16 +127,20 @@ class Offloader:
             self.transfers = Transfers(self.cache, self._stats)
             # 3. the plan: measured (adaptive) or fixed; it owns placement and read-ahead.
             layers = config.layers if config.layers is not None else find_layers(model)
-            if config.policy == "adaptive":
+            if config.policy in ("adaptive", "budget"):
                 self.profiler = StepProfiler()
                 # On a CPU host the tier keeps tensors in place: host memory is the device's,
                 # so a RAM placement would save nothing and the plan is made without it.
                 cuda = self._on_cuda()
-                self.adaptive = AdaptivePolicy(
-                    depth=config.prefetch_depth, host_cache_bytes=config.host_cache_bytes if cuda else 0,
-                    write_cap=config.max_write_bandwidth, read_cap=config.max_read_bandwidth,
-                    tolerance=config.stall_tolerance, ram_bps=_PCIE_BYTES_PER_S)
-            self.placement = Placement(self.places, self.adaptive, config.prefetch_depth)
+                common = dict(depth=config.prefetch_depth, host_cache_bytes=config.host_cache_bytes if cuda else 0,
+                              write_cap=config.max_write_bandwidth, read_cap=config.max_read_bandwidth,
+                              tolerance=config.stall_tolerance, ram_bps=_PCIE_BYTES_PER_S)
+                if config.policy == "budget":
+                    self.memory_budget = resolve_budget(config.memory_budget, self._device())
+                    self.adaptive = BudgetPolicy(memory_budget=self.memory_budget, **common)
+                else:
+                    self.adaptive = AdaptivePolicy(**common)
+            self.placement = Placement(self.places, self.adaptive, config.prefetch_depth, self.memory_budget)
             # 4. read-ahead, the forward position, the hooks and the layer hooks.
             self.prefetcher = Prefetcher(self.cache, self.transfers, self.placement, self.profiler)
             self.position = ForwardPosition(self.profiler)
@@ -144,6 +152,7 @@ class Offloader:
             self.hooks = SavedTensorHooks(config, self.cache, self.transfers, self.prefetcher, self.placement,
                                           self.position, self._stats)
             self.tracker = LayerTracker(layers, self.position, self.prefetcher)
+            self.recomputed = RecomputedLayers(layers)
         except BaseException:
             if store is not None:
                 store.close(failed=True)  # also removes the directories it made
@@ -342,7 +351,7 @@ class Offloader:
             raise TypeError("Offloader.set_plan takes one place per group (a list such as "
                             "['ssd', 'ssd', 'device']), not a string")
         placement = tuple(placement)
-        if "ram" in placement and self.tier is None:
+        if any(SAVED_PLACE.get(p) == "ram" for p in placement) and self.tier is None:
             raise ValueError("Offloader.set_plan: 'ram' needs a host tier; set OffloadConfig.host_cache_bytes")
         current = self.adaptive.plan
         if current is not None and len(current.placement) != len(placement):
@@ -352,6 +361,7 @@ class Offloader:
             prefetch_depth = current.prefetch_depth if current is not None else self.config.prefetch_depth
         _check_depth(prefetch_depth, self.config.prefetch_depth)
         plan = self.adaptive.pin(placement, prefetch_depth)
+        self._apply(plan)
         self._stats.add(replans=1)
         self._stats.set(plan_version=plan.version)
         return plan
@@ -420,6 +430,8 @@ class Offloader:
             return True
         if self.tracker is not None:
             self.tracker.remove()
+        if self.recomputed is not None:
+            self.recomputed.clear()  # the model is the user's again, as it was
         for handle in self._attached:
             handle.remove()
         self._attached = []
@@ -555,8 +567,23 @@ class Offloader:
                                                      stall_seconds=snap.stall_seconds,
                                                      compute_seconds=compute))
         if plan is not None:
+            self._apply(plan)
             self._stats.add(replans=1)
             self._stats.set(plan_version=plan.version)
+
+    def _apply(self, plan: Plan) -> None:
+        """Make the model match ``plan``: its recomputed layers are checkpointed, the others not."""
+        if self.recomputed is None:
+            return
+        layers = len(self.recomputed.layers)
+        self.recomputed.set(i for i in range(layers)
+                            if recomputes(plan.place(layer_group(i))) and not self.position.by_bytes)
+
+    def _device(self) -> torch.device:
+        if self.model is not None:
+            for p in self.model.parameters():
+                return p.device
+        return torch.device("cpu")
 
 
 def _check_depth(depth: object, configured: int) -> None:

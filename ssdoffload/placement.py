@@ -12,21 +12,29 @@ from __future__ import annotations
 from typing import Optional
 
 from .adaptive import AdaptivePolicy
+from .budget import SAVED_PLACE
 from .places import Place, Places
 from .readahead import Readahead
 
 
 class Placement:
-    def __init__(self, places: Places, adaptive: Optional[AdaptivePolicy], prefetch_depth: int) -> None:
+    """``memory_budget`` (budget mode, else None): the bytes of offloadable activations a
+    step may hold, which the hooks (back-pressure) and the prefetcher (read-ahead) honour."""
+
+    def __init__(self, places: Places, adaptive: Optional[AdaptivePolicy], prefetch_depth: int,
+                 memory_budget: Optional[int] = None) -> None:
         self.places = places
         self.adaptive = adaptive
         self.prefetch_depth = prefetch_depth
+        self.memory_budget = memory_budget
         self._default = places.ram if places.ram is not None else places.drive
 
     def place_for(self, group: int) -> Place:
-        """Where an offloadable tensor saved in forward group ``group`` goes."""
+        """Where an offloadable tensor saved in forward group ``group`` goes (for a recomputed
+        layer: where its input goes, the only tensor it saves)."""
         if self.adaptive is not None:
-            return self.places[self.adaptive.placement(group)]
+            word = self.adaptive.placement(group)
+            return self.places[SAVED_PLACE.get(word, word)]
         return self._default
 
     def readahead(self) -> Readahead:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import threading
 from typing import Any, Dict, Optional
 
-from .cache import OffloadCache
+from .cache import OffloadCache, State
 from .profiling import StepProfiler
 from .readahead import Readahead, groups_to_load
 from .transfers import Transfers
@@ -61,7 +61,12 @@ class Prefetcher:
             if lowest is not None and wanted[0] >= lowest:
                 return 0
             self._lowest_started[scope] = wanted[0]
-        return self._load(scope, wanted if lowest is None else [g for g in wanted if g < lowest])
+        started, deferred = self._load(scope, wanted if lowest is None else [g for g in wanted if g < lowest])
+        if deferred is not None:
+            with self._lock:  # not all of it was requested: the next event tries again from there
+                if self._lowest_started.get(scope) == wanted[0]:
+                    self._lowest_started[scope] = deferred + 1
+        return started
 
     def forward_resumed(self, scope: Any) -> None:
         """A forward saves tensors in ``scope`` again after a backward in it (gradient
@@ -73,10 +78,18 @@ class Prefetcher:
         with self._lock:
             self._lowest_started.pop(scope, None)
 
-    def _load(self, scope: Any, groups) -> int:
+    def _load(self, scope: Any, groups) -> "tuple[int, Optional[int]]":
+        """Start the loads, highest group first; returns (loads started, the group where the
+        budget stopped them, or None)."""
         started = 0
+        budget = self.placement.memory_budget
         # Highest group first: backward needs it first.
         for g in sorted(groups, reverse=True):
             for entry in self.cache.entries(scope, g):
+                if budget is not None and entry.state is State.ON_DISK and \
+                        self.transfers.stats.resident_now() + entry.nbytes > budget:
+                    # Reading ahead would run over the budget: the rest is read when needed.
+                    self.transfers.stats.add(prefetches_deferred=1)
+                    return started, g
                 started += self.transfers.start_load(entry, prefetch=True)
-        return started
+        return started, None

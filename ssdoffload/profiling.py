@@ -16,7 +16,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Set, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
@@ -29,7 +29,7 @@ class _ScopeRecord:
     cuda: bool
     marks: List[Tuple[int, Any]] = field(default_factory=list)   # (group, mark) in forward order
     nbytes: Dict[int, int] = field(default_factory=dict)
-    seen: Set[Any] = field(default_factory=set)
+    inputs: Dict[int, int] = field(default_factory=dict)  # layer group -> bytes of its tensor inputs
     bwd_start: Any = None
     bwd_end: Any = None
     age: int = 0
@@ -65,14 +65,20 @@ class StepProfiler:
         if rec is not None and rec.bwd_start is None:
             rec.marks.append((group, self._mark(rec.cuda)))
 
-    def saved(self, key: Any, group: int, storage_key: Any, nbytes: int) -> None:
-        """An offloadable storage was saved in ``group`` (counted once per scope)."""
+    def saved(self, key: Any, group: int, nbytes: int) -> None:
+        """New offloadable bytes were saved in ``group`` (the hooks call this once per storage
+        and step: not for dedup hits or storages a kept tensor already holds)."""
         with self._lock:
             rec = self._scopes.get(key)
-            if rec is None or storage_key in rec.seen:
-                return
-            rec.seen.add(storage_key)
-            rec.nbytes[group] = rec.nbytes.get(group, 0) + nbytes
+            if rec is not None:
+                rec.nbytes[group] = rec.nbytes.get(group, 0) + nbytes
+
+    def layer_input(self, key: Any, group: int, nbytes: int) -> None:
+        """The layer whose forward is ``group`` was called with ``nbytes`` of tensor inputs."""
+        with self._lock:
+            rec = self._scopes.get(key)
+            if rec is not None:
+                rec.inputs[group] = rec.inputs.get(group, 0) + nbytes
 
     def backward(self, key: Any) -> None:
         """Backward of ``key`` is running (an unpack or a layer's gradient trigger)."""
@@ -119,6 +125,7 @@ class StepProfiler:
         results = [r for r in results if len(r[0]) == n]
         groups = tuple(
             GroupTiming(nbytes=max(r[0][i].nbytes for r in results),
+                        input_bytes=max(r[0][i].input_bytes for r in results),
                         forward_seconds=sum(r[0][i].forward_seconds for r in results) / len(results),
                         backward_seconds=sum(r[0][i].backward_seconds for r in results) / len(results),
                         name=results[0][0][i].name)
@@ -149,7 +156,8 @@ class StepProfiler:
         if t_fwd <= 0:
             return None
         ratio = t_bwd / t_fwd if t_bwd > 0 else 2.0
-        groups = tuple(GroupTiming(nbytes=rec.nbytes.get(g, 0), forward_seconds=fwd[g],
+        groups = tuple(GroupTiming(nbytes=rec.nbytes.get(g, 0), input_bytes=rec.inputs.get(g, 0),
+                                   forward_seconds=fwd[g],
                                    backward_seconds=fwd[g] * ratio, name=group_name(g, by_bytes))
                        for g in range(last + 1))
         return groups, t_fwd + t_fwd * ratio

@@ -49,6 +49,13 @@ class OffloadStats:
     #: Seconds the writer / reader waited on max_write_bandwidth / max_read_bandwidth.
     write_throttle_seconds: float = 0.0
     read_throttle_seconds: float = 0.0
+    #: Budget mode: seconds forward waited for writes to stay within memory_budget; tensors
+    #: the plan kept that went to the SSD instead because the budget was full; tensors saved
+    #: over the budget (nothing left to wait for or divert); prefetches deferred by the budget.
+    backpressure_seconds: float = 0.0
+    budget_diversions: int = 0
+    budget_overruns: int = 0
+    prefetches_deferred: int = 0
     #: The adaptive plan in force at the end of the step (0: none yet) and plan changes.
     plan_version: int = 0
     replans: int = 0
@@ -118,6 +125,10 @@ class StatsCollector:
                 slot = s.kept_by_reason.setdefault(reason, [0, 0])
                 slot[0] += 1
                 slot[1] += nbytes
+
+    def resident_now(self) -> int:
+        """Offloadable activation bytes held in memory now (no lock: one int read)."""
+        return self.step.resident_bytes
 
     def resident(self, delta: int) -> None:
         """Track offloadable bytes held in memory, and their peak."""

@@ -76,7 +76,7 @@ class Transfers:
         self.stats = stats
         self.timeline = Timeline()
         self._warned_write_failure = False
-        self._pending_writes: "set" = set()
+        self._pending_writes: dict = {}  # IOFuture -> None, in submission order
         self._pending_lock = threading.Lock()
         #: Set by ``Offloader.close()``: nothing new is written from then on.
         self.closed = False
@@ -129,12 +129,12 @@ class Transfers:
         fut = entry.place.submit_write(self._write_job, entry, ready)
         entry.write_future = fut
         with self._pending_lock:
-            self._pending_writes.add(fut)
+            self._pending_writes[fut] = None
         fut.add_done_callback(self._write_done)
 
     def _write_done(self, fut) -> None:
         with self._pending_lock:
-            self._pending_writes.discard(fut)
+            self._pending_writes.pop(fut, None)
 
     def _write_job(self, entry: Entry, ready) -> None:
         if entry.state is State.FREED:  # backward already used and dropped it: nothing to save
@@ -232,12 +232,31 @@ class Transfers:
             with self._pending_lock:
                 # Done futures leave here too, not only in their callback: an interrupt between
                 # the submission and ``add_done_callback`` would otherwise leave one behind.
-                self._pending_writes = {f for f in self._pending_writes if not f.done()}
+                self._pending_writes = {f: None for f in self._pending_writes if not f.done()}
                 pending = list(self._pending_writes)
             if not pending:
                 return
             for fut in pending:
                 wait_for(fut)
+
+    def make_room(self, nbytes: int, budget: int) -> bool:
+        """Budget mode's back-pressure (compute thread): wait for writes in flight, oldest
+        first, until ``nbytes`` more fit ``budget``; the wait counts as
+        ``backpressure_seconds``. False when they still do not fit with no write left."""
+        if self.stats.resident_now() + nbytes <= budget:
+            return True
+        t0 = time.perf_counter()
+        try:
+            while self.stats.resident_now() + nbytes > budget:
+                with self._pending_lock:
+                    oldest = next((f for f in self._pending_writes if not f.done()), None)
+                if oldest is None:
+                    return False
+                with record_function("ssdoffload.backpressure"):
+                    wait_for(oldest)
+            return True
+        finally:
+            self.stats.add(backpressure_seconds=time.perf_counter() - t0)
 
     # -- reads ---------------------------------------------------------------------------
     def start_load(self, entry: Entry, prefetch: bool) -> bool:

@@ -23,6 +23,8 @@ from ssdoffload.transfers import Transfers
 class _Plan:
     """The part of ``placement.Placement`` the prefetcher asks: the read-ahead in force."""
 
+    memory_budget = None
+
     def __init__(self, readahead: Readahead) -> None:
         self._readahead = readahead
 

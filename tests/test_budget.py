@@ -1,0 +1,250 @@
+"""Budget mode: the solver against brute force, the runtime's guarantee (back-pressure) and
+bit-identical gradients under every choice (recomputation included) against plain autograd."""
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import ssdoffload
+from ssdoffload.budget import (CHOICES, RECOMPUTE, RECOMPUTE_SSD, BudgetGroup, Machine, allowed, evaluate,
+                               solve)
+from ssdoffload.places import DEVICE, SSD
+
+from helpers import TINY, assert_bit_identical, offload_config, train
+
+MB = 1 << 20
+
+
+# -- the solver --------------------------------------------------------------------------
+def _brute_force(groups, budget, machine):
+    best = None
+    for choices in itertools.product(*(allowed(g, machine) for g in groups)):
+        cost = evaluate(groups, choices, machine)
+        if cost.peak_bytes > budget or cost.ram_bytes > machine.host_bytes:
+            continue
+        if best is None or cost.seconds < best.seconds:
+            best = cost
+    return best
+
+
+@st.composite
+def _instances(draw, max_groups: int, ram: bool):
+    n = draw(st.integers(1, max_groups))
+    groups = []
+    for _ in range(n):
+        layer = draw(st.booleans())
+        groups.append(BudgetGroup(
+            saved_bytes=draw(st.integers(0, 64)) * MB,
+            forward_seconds=draw(st.integers(1, 50)) / 1000,
+            backward_seconds=draw(st.integers(1, 100)) / 1000,
+            input_bytes=draw(st.integers(1, 8)) * MB if layer else 0,
+            recompute_seconds=draw(st.integers(1, 50)) / 1000,
+            recomputable=layer))
+    machine = Machine(write_bps=draw(st.sampled_from([50, 200, 1000, 5000])) * MB,
+                      read_bps=draw(st.sampled_from([50, 200, 1000, 5000])) * MB,
+                      ram_bps=draw(st.sampled_from([math.inf, 2000 * MB])),
+                      host_bytes=draw(st.integers(0, 128)) * MB if ram else 0)
+    total = sum(g.saved_bytes for g in groups)
+    budget = int(total * draw(st.sampled_from([0.05, 0.2, 0.4, 0.7, 1.0]))) + draw(st.integers(0, 4)) * MB
+    return groups, budget, machine
+
+
+def _check_against_brute_force(groups, budget, machine):
+    plan = solve(groups, budget, machine)
+    best = _brute_force(groups, budget, machine)
+    if best is None:
+        assert not plan.feasible
+        return
+    assert plan.feasible and plan.exact
+    got = evaluate(groups, plan.choices, machine)
+    assert got.peak_bytes <= budget and got.ram_bytes <= machine.host_bytes
+    assert got.seconds == pytest.approx(best.seconds, rel=1e-12, abs=1e-12), (plan.choices, got, best)
+
+
+@settings(max_examples=60, deadline=None)
+@given(_instances(max_groups=7, ram=False))
+def test_solver_is_exact_without_host_ram(case):
+    _check_against_brute_force(*case)
+
+
+@settings(max_examples=40, deadline=None)
+@given(_instances(max_groups=5, ram=True))
+def test_solver_is_exact_with_host_ram(case):
+    _check_against_brute_force(*case)
+
+
+def test_solver_is_exact_on_eight_groups():
+    groups = [BudgetGroup(saved_bytes=(5 + 7 * i % 11) * MB, forward_seconds=0.01 + 0.002 * i,
+                          backward_seconds=0.02, input_bytes=MB if i % 2 else 0,
+                          recompute_seconds=0.01 + 0.002 * i, recomputable=bool(i % 2)) for i in range(8)]
+    machine = Machine(write_bps=300 * MB, read_bps=600 * MB)
+    total = sum(g.saved_bytes for g in groups)
+    for frac in (0.15, 0.3, 0.6):
+        _check_against_brute_force(groups, int(total * frac), machine)
+
+
+def _gpt_groups(layers: int):
+    groups = [BudgetGroup(saved_bytes=4 * MB, forward_seconds=0.001, backward_seconds=0.002)]
+    for i in range(layers):
+        groups.append(BudgetGroup(saved_bytes=34 * MB, forward_seconds=0.01 * (1 + 0.01 * (i % 3)),
+                                  backward_seconds=0.02, input_bytes=2 * MB, recompute_seconds=0.01,
+                                  recomputable=True))
+        groups.append(BudgetGroup(saved_bytes=50 * MB if i == layers - 1 else 0, forward_seconds=1e-4,
+                                  backward_seconds=2e-4))
+    return groups
+
+
+@pytest.mark.parametrize("host", [0, 1 << 30])
+def test_solver_on_128_layers_meets_the_budget_and_beats_the_simple_plans(host):
+    groups = _gpt_groups(128)
+    machine = Machine(write_bps=2000 * MB, read_bps=3000 * MB, ram_bps=20000 * MB, host_bytes=host)
+    total = sum(g.saved_bytes for g in groups)
+    for frac in (0.6, 0.2, 0.08):
+        budget = int(total * frac)
+        plan = solve(groups, budget, machine)
+        assert plan.feasible and plan.cost.peak_bytes <= budget
+        for simple in (SSD, RECOMPUTE, RECOMPUTE_SSD):
+            choices = [simple if simple in allowed(g, machine) else SSD for g in groups]
+            cost = evaluate(groups, choices, machine)
+            if cost.peak_bytes <= budget:
+                assert plan.cost.seconds <= cost.seconds + 1e-9, simple
+
+
+def test_no_feasible_plan_says_so():
+    groups = [BudgetGroup(saved_bytes=10 * MB, forward_seconds=0.01, backward_seconds=0.02)]
+    plan = solve(groups, 5 * MB, Machine(write_bps=1e9, read_bps=1e9))
+    assert not plan.feasible and plan.choices == (SSD,)
+
+
+# -- the runtime -------------------------------------------------------------------------
+def _budget_config(tmp_path, budget, **kw):
+    return offload_config(str(tmp_path / "spill"), memory_budget=budget, **kw)
+
+
+def test_budget_mode_is_bit_identical_and_meets_the_budget(tmp_path):
+    reference = train(None, steps=5)
+    total = _offloadable_bytes(tmp_path)
+    budget = total // 4
+    plans = []
+    got = train(_budget_config(tmp_path, budget), steps=5,
+                after_step=lambda off, step: plans.append(off.plan()))
+    assert_bit_identical(reference, got)
+    stats = got[2]
+    assert stats.peak_resident_bytes <= budget and stats.budget_overruns == 0
+    assert plans[-1] is not None and any(p != DEVICE for p in plans[-1].placement)
+
+
+def _offloadable_bytes(tmp_path) -> int:
+    """What one step of TINY offloads with everything on the SSD."""
+    got = train(offload_config(str(tmp_path / "probe"), policy="all"), steps=1)
+    return got[2].offloadable_bytes
+
+
+@pytest.mark.parametrize("choices", [
+    [DEVICE, RECOMPUTE, DEVICE, RECOMPUTE_SSD, SSD, RECOMPUTE, DEVICE, RECOMPUTE_SSD, SSD, SSD],
+    [SSD, RECOMPUTE_SSD, SSD, RECOMPUTE_SSD, SSD, RECOMPUTE_SSD, SSD, RECOMPUTE_SSD, SSD, SSD],
+    [DEVICE, RECOMPUTE, DEVICE, RECOMPUTE, DEVICE, RECOMPUTE, DEVICE, RECOMPUTE, DEVICE, DEVICE],
+])
+def test_every_choice_is_bit_identical_with_dropout(tmp_path, choices):
+    """TINY has dropout: a recomputed layer must draw the same masks again."""
+    reference = train(None, steps=3)
+    seen = {}
+
+    def pin(off, step):
+        if step == 0:
+            off.set_plan(choices)
+            seen["recomputed"] = sorted(off.recomputed.indices)
+
+    got = train(_budget_config(tmp_path, 1 << 40), steps=3, before_step=pin, settle_writes=True)
+    assert_bit_identical(reference, got)
+    assert seen["recomputed"] == [i for i in range(TINY.layers) if choices[2 * i + 1].startswith(RECOMPUTE)]
+
+
+def test_recomputed_layers_save_only_their_inputs(tmp_path):
+    def offloaded(choices):
+        stats = {}
+
+        def pin(off, step):
+            off.set_plan(choices)
+
+        def record(off, step):
+            stats["bytes"] = off.last_step_stats().offloadable_bytes
+
+        train(_budget_config(tmp_path, 1 << 40), steps=1, before_step=pin, after_step=record)
+        return stats["bytes"]
+
+    n = 2 * TINY.layers + 1
+    all_ssd = offloaded([SSD] * n)
+    inputs_only = offloaded([RECOMPUTE_SSD if g % 2 else DEVICE for g in range(n)])
+    hidden = TINY.hidden * TINY.seq * 4 * 4  # one layer's input: batch 4, fp32
+    assert inputs_only == TINY.layers * hidden
+    assert all_ssd > 10 * inputs_only
+
+
+def test_a_slow_drive_makes_forward_wait_instead_of_running_over(tmp_path):
+    """Back-pressure: with the drive capped at 1 MB/s, forward saves faster than it writes;
+    the budget still holds, and the wait is counted."""
+    total = _offloadable_bytes(tmp_path)
+    budget = total // 3
+    reference = train(None, steps=1)
+
+    def pin(off, step):
+        off.set_plan([SSD] * (2 * TINY.layers + 1))
+
+    got = train(_budget_config(tmp_path, budget, max_write_bandwidth=1e6), steps=1, before_step=pin)
+    assert_bit_identical(reference, got)
+    stats = got[2]
+    assert stats.peak_resident_bytes <= budget and stats.budget_overruns == 0
+    assert stats.backpressure_seconds > 0 and stats.bytes_written >= total - budget
+
+
+def test_a_kept_plan_over_the_budget_is_diverted_to_the_drive(tmp_path):
+    """A pinned plan that keeps everything cannot fit: once the budget is full, what the plan
+    keeps goes to the SSD instead (each over the budget while it is written), so forward ends
+    within the budget; backward reads them back when it needs them, over the budget. Every
+    overrun is counted in ``budget_overruns``."""
+    from ssdoffload.models.gpt import GPT, synthetic_batch
+
+    total = _offloadable_bytes(tmp_path)
+    budget = total // 4
+    reference = train(None, steps=1)
+    torch.manual_seed(0)
+    model = GPT(TINY)
+    with ssdoffload.Offloader(model, _budget_config(tmp_path, budget)) as off:
+        off.set_plan([DEVICE] * (2 * TINY.layers + 1))
+        tokens, targets = synthetic_batch(TINY, 4, torch.device("cpu"), seed=0)
+        with off.step():
+            loss = model(tokens, targets)
+            forward = off.current_step_stats()
+            loss.backward()
+        stats = off.last_step_stats()
+    assert torch.equal(loss.detach(), reference[0][0])
+    for p, g in zip(model.parameters(), reference[1][0]):
+        assert torch.equal(p.grad, g)
+    assert forward.resident_bytes <= budget and forward.budget_diversions > 0
+    assert forward.budget_overruns >= forward.budget_diversions and stats.budget_overruns > forward.budget_overruns
+
+
+def test_budget_config_is_validated(tmp_path):
+    assert ssdoffload.OffloadConfig(path=str(tmp_path), memory_budget=1 << 30).policy == "budget"
+    for bad, words in [(0, "must be a number of bytes"), (-5, "must be"), (True, "must be"), ("8G", "must be"),
+                       (1.5, "must be")]:
+        with pytest.raises(ValueError, match=words):
+            ssdoffload.OffloadConfig(path=str(tmp_path), memory_budget=bad)
+    with pytest.raises(ValueError, match="needs memory_budget"):
+        ssdoffload.OffloadConfig(path=str(tmp_path), policy="budget")
+    with pytest.raises(ValueError, match="policy='all' offloads everything"):
+        ssdoffload.OffloadConfig(path=str(tmp_path), policy="all", memory_budget=1 << 30)
+    with pytest.raises(ValueError, match="fraction of the GPU's memory, but the model is on cpu"):
+        ssdoffload.Offloader(torch.nn.Linear(2, 2), ssdoffload.OffloadConfig(path=str(tmp_path / "s"),
+                                                                             memory_budget=0.5))
+    with ssdoffload.Offloader(torch.nn.Linear(2, 2), ssdoffload.OffloadConfig(path=str(tmp_path / "s"),
+                                                                              memory_budget=1 << 30)) as off:
+        with pytest.raises(ValueError, match="not one of"):
+            off.set_plan(["recompute+tape"])
+    assert set(CHOICES) >= {DEVICE, SSD, RECOMPUTE, RECOMPUTE_SSD}
