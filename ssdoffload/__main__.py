@@ -106,6 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--memory-budget", type=parse_size, help="budget for the sweep (default: GPU memory; on a CPU "
                    "4x keep's activation bytes)")
     b.add_argument("--sweep-max-micro-batch", type=int, help="stop the sweep at this micro-batch")
+    b.add_argument("--budgets", nargs="?", const="default", metavar="F,F,...",
+                   help="instead of the comparison: the memory/step-time frontier (keep, recompute, "
+                   "checkpoint-input offload, full SSD offload, and budget mode at these fractions of "
+                   "keep's memory; default 1,0.7,0.5,0.35,0.25,0.15,0.1)")
     b.add_argument("--deterministic", action="store_true", help="torch.use_deterministic_algorithms (CUDA)")
     b.add_argument("--trace", action="store_true", help="also write trace_ssd_step.json, a torch.profiler "
                    "trace of one ssd step (open in Perfetto): model ops and ssdoffload.stall spans; the "
@@ -131,7 +135,49 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _frontier(args: argparse.Namespace) -> int:
+    import json
+
+    from .bench import plots
+    from .bench.frontier import DEFAULT_FRACTIONS, budget_frontier, format_frontier
+    from .bench.runner import (BenchOptions, default_threads, offload_config_for, resolve_device, resolve_preset,
+                               spill_directories, torch_threads)
+
+    if args.budgets == "default":
+        fractions = DEFAULT_FRACTIONS
+    else:
+        try:
+            fractions = tuple(float(f) for f in args.budgets.split(","))
+        except ValueError:
+            raise SystemExit(f"--budgets {args.budgets!r}: give fractions of keep's memory, e.g. 1,0.5,0.25")
+        if not fractions or any(not 0 < f <= 1 for f in fractions):
+            raise SystemExit(f"--budgets {args.budgets!r}: each fraction must be in (0, 1]")
+    device = resolve_device(args.device)
+    preset = resolve_preset(BenchOptions(preset=args.preset, overrides=_overrides(args)), device)
+    out = os.path.abspath(args.output)
+    os.makedirs(out, exist_ok=True)
+    with spill_directories(args.spill_path) as paths, torch_threads(args.threads or default_threads(device)):
+        config = offload_config_for(preset, paths, dict(args.offload_option))
+        result = budget_frontier(preset, device, config, seed=args.seed, fractions=fractions,
+                                 progress=not (args.no_progress or args.quiet))
+    result.update(preset=preset.as_dict(), device=str(device), command=sys.argv[:])
+    with open(os.path.join(out, "frontier.json"), "w") as f:
+        json.dump(result, f, indent=1, default=str)
+    files = []
+    if not args.no_plots:
+        try:
+            files.append(plots.frontier(result, os.path.join(out, "frontier.png")))
+        except ImportError:
+            print("matplotlib is not installed: no plot (pip install 'ssdoffload[bench]')", file=sys.stderr)
+    if not args.quiet:
+        print(format_frontier(result))
+    print(f"results written to {out} (frontier.json{', frontier.png' if files else ''})")
+    return 0
+
+
 def _bench(args: argparse.Namespace) -> int:
+    if args.budgets is not None:
+        return _frontier(args)
     from .bench import plots, report as report_mod
     from .bench.runner import BenchOptions, run_bench
     from .bench.strategies import parse_strategies

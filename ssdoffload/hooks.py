@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import threading
+import weakref
 from typing import Any, Set, Tuple
 
 import torch
@@ -120,6 +121,21 @@ class _KeptBytes:
         self.stats.resident(-slot[1])
 
 
+class _Transient:
+    """A recomputation's activations counted as resident: added once, removed once."""
+
+    __slots__ = ("stats", "group", "nbytes")
+
+    def __init__(self, stats: StatsCollector, group: int, nbytes: int) -> None:
+        self.stats, self.group, self.nbytes = stats, group, nbytes
+        stats.resident(nbytes)
+
+    def close(self) -> None:
+        nbytes, self.nbytes = self.nbytes, 0
+        if nbytes:
+            self.stats.resident(-nbytes)
+
+
 class SavedTensorHooks:
     """The pack/unpack pair, bound to one offloader's parts (built before it, passed in)."""
 
@@ -134,6 +150,8 @@ class SavedTensorHooks:
         self.position = position
         self.stats = stats
         self._kept = _KeptBytes(stats)
+        self._recomputing: "weakref.WeakSet" = weakref.WeakSet()  # inputs unpacked for a recompute
+        self._recompute_open: dict = {}  # scope -> the _Transient of the recomputation running
         self._pid = os.getpid()  # handles are only good in the process whose threads and files they use
         #: Storages of the model's parameters and buffers (refreshed when a scope opens).
         self.param_keys: Set[Tuple[str, int]] = set()
@@ -197,6 +215,23 @@ class SavedTensorHooks:
             self.stats.add(budget_overruns=1)  # nothing left to wait for: over, and counted
         return handle
 
+    def _count_recompute(self, packed: Any, scope: Any, group: int) -> None:
+        """Backward unpacked a tensor of ``group``. If it is a recomputed layer's input, its
+        recomputation is about to hold the layer's activations, which no hook of ours sees:
+        count them as resident (their size as measured) until backward moves below the group
+        (or the input is released), so the budget and the stats include them."""
+        open_ = self._recompute_open.get(scope)
+        if open_ is not None and open_.group > group:
+            open_.close()
+        nbytes = self.placement.recompute_bytes(group)
+        if nbytes and packed not in self._recomputing:
+            self._recomputing.add(packed)
+            span = _Transient(self.stats, group, nbytes)
+            self._recompute_open[scope] = span
+            self.cache.releases.watch(packed, _Transient.close, span)
+            budget = self.placement.memory_budget
+            if budget is not None and self.stats.resident_now() > budget:
+                self.stats.add(budget_overruns=1)  # the recomputation itself runs over
     def unpack(self, packed: Any) -> torch.Tensor:
         if isinstance(packed, torch.Tensor):  # kept as is (also what pack returns while tracing)
             return packed
@@ -205,6 +240,7 @@ class SavedTensorHooks:
             if isinstance(packed, Saved):
                 if isinstance(packed, Kept):
                     self.prefetcher.backward_reached(packed.scope, packed.group)
+                    self._count_recompute(packed, packed.scope, packed.group)
                 return packed.get()
             return packed
         entry = packed.entry
@@ -218,6 +254,7 @@ class SavedTensorHooks:
         if packed.modified_in_place():
             raise modified_error(entry.describe())
         self.prefetcher.backward_reached(entry.scope, entry.group)
+        self._count_recompute(packed, entry.scope, entry.group)
         storage = self.transfers.materialize(entry)
         budget = self.placement.memory_budget
         if budget is not None and self.stats.resident_now() > budget:

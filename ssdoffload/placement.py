@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Optional
 
 from .adaptive import AdaptivePolicy
-from .budget import SAVED_PLACE
+from .budget import SAVED_PLACE, recomputes
 from .places import Place, Places
 from .readahead import Readahead
 
@@ -36,6 +36,21 @@ class Placement:
             word = self.adaptive.placement(group)
             return self.places[SAVED_PLACE.get(word, word)]
         return self._default
+
+    def recompute_bytes(self, group: int) -> int:
+        """For a group the plan recomputes: the activations its recomputation makes (measured
+        when it was not recomputed), else 0."""
+        plan = self.adaptive.plan if self.adaptive is not None else None
+        if plan is None or not 0 <= group < len(plan.placement) or not recomputes(plan.placement[group]):
+            return 0
+        return plan.group_bytes[group] if group < len(plan.group_bytes) else 0
+
+    def recompute_reserve(self) -> int:
+        """Room read-ahead must leave free: the largest recomputation the plan will run."""
+        plan = self.adaptive.plan if self.adaptive is not None else None
+        if plan is None:
+            return 0
+        return max((self.recompute_bytes(g) for g in range(len(plan.placement))), default=0)
 
     def readahead(self) -> Readahead:
         """The configured count, or the plan's window once there is a plan."""

@@ -83,6 +83,8 @@ class Prefetcher:
         budget stopped them, or None)."""
         started = 0
         budget = self.placement.memory_budget
+        if budget is not None:  # leave room for the recomputations still to come
+            budget -= self.placement.recompute_reserve()
         # Highest group first: backward needs it first.
         for g in sorted(groups, reverse=True):
             for entry in self.cache.entries(scope, g):

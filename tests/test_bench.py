@@ -216,3 +216,27 @@ def test_probe_of_a_gpu_preset_on_a_cpu_host_computes_instead_of_building(tmp_pa
     out = capsys.readouterr().out
     assert "computed from the activation model" in out and "computed for a GPU" in out
     assert "offloadable activations per step" in out
+
+
+def test_budget_frontier_cli(tmp_path):
+    """``bench --budgets``: every fixed plan, plain PyTorch and budget mode at each budget, in
+    one run. A budget row over its budget must say so (overruns are counted, never silent), and
+    a recomputing plan's memory includes the layer its recomputation rebuilds."""
+    from ssdoffload.__main__ import main
+
+    out = tmp_path / "out"
+    rc = main(["bench", "--preset", "tiny", "--budgets", "1,0.3,0.01", "-o", str(out), "--no-progress", "-q"])
+    assert rc == 0
+    result = json.loads((out / "frontier.json").read_text())
+    assert set(result["fixed"]) == {"keep", "recompute", "ckpt-input-ssd", "ssd"}
+    assert set(result["plain"]) == {"plain keep", "plain recompute"}
+    fixed = result["fixed"]
+    assert fixed["recompute"]["memory_bytes"] < fixed["keep"]["memory_bytes"]
+    assert fixed["ssd"]["memory_bytes"] < fixed["keep"]["memory_bytes"]
+    rows = result["budgets"]
+    assert [r["fraction"] for r in rows] == [1.0, 0.3, 0.01]
+    assert not rows[-1]["feasible"]  # 1% of keep: the largest group alone is bigger
+    for row in rows[:-1]:
+        assert row["feasible"]
+        assert row["memory_bytes"] <= row["budget_bytes"] or row["budget_overruns"] > 0
+    assert (out / "frontier.png").exists()

@@ -121,6 +121,41 @@ def sweep(report: dict, path: str) -> str:
     return path
 
 
+def frontier(result: dict, path: str) -> str:
+    """Peak memory against step time: the fixed plans as points, budget mode as a curve, and
+    each budget as a dotted vertical line."""
+    plt = _plt()
+    mib = 1 / (1 << 20)
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    marks = {"keep": "o", "recompute": "s", "ckpt-input-ssd": "D", "ckpt-input-ram": "P", "ssd": "^"}
+    for name, p in result["fixed"].items():
+        if p["memory_bytes"] is not None:
+            ax.plot(p["memory_bytes"] * mib, p["step_seconds"], marks.get(name, "o"), ms=8, label=name)
+    rows = [r for r in result["budgets"] if r["feasible"] and r["memory_bytes"] is not None]
+    if rows:
+        ax.plot([r["memory_bytes"] * mib for r in rows], [r["step_seconds"] for r in rows], "k.-", lw=1.5,
+                label="budget mode (measured peak)")
+        for r in rows:
+            ax.axvline(r["budget_bytes"] * mib, color="0.8", ls=":", lw=0.8, zorder=0)
+    for name, p in result["plain"].items():
+        ax.axhline(p["step_seconds"], ls="--", lw=0.8, color="0.5" if "keep" in name else "0.3")
+        ax.annotate(name, (0, p["step_seconds"]), xycoords=("axes fraction", "data"), fontsize=7,
+                    xytext=(3, 2), textcoords="offset points")
+    ax.set_xlabel(f"peak memory, MiB ({result['memory_kind']})")
+    ax.set_ylabel("step time, s (median)")
+    ax.set_xlim(left=0)
+    times = [p["step_seconds"] for p in list(result["fixed"].values()) + list(result["plain"].values())] + \
+        [r["step_seconds"] for r in rows]
+    ax.set_ylim(bottom=0.8 * min(times), top=1.08 * max(times))
+    ax.set_title("activation memory against step time (dotted: the budgets asked for)", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def write_all(report: dict, folder: str) -> List[str]:
     """All plots that the report has data for; returns their paths."""
     os.makedirs(folder, exist_ok=True)
