@@ -43,6 +43,23 @@ def find_layers(model: Optional[torch.nn.Module]) -> List[torch.nn.Module]:
     return best
 
 
+#: Keyword arguments through which a layer updates state outside itself (a KV cache): running
+#: its forward again in backward would update it twice.
+_STATEFUL_KWARGS = ("past_key_value", "past_key_values", "layer_past", "cache_params")
+
+
+def stateful_call(kwargs: dict) -> Optional[str]:
+    """Why a layer called with ``kwargs`` must not be recomputed (None: it may be)."""
+    for name in _STATEFUL_KWARGS:
+        if kwargs.get(name) is not None:
+            return (f"it is called with {name}= (a cache it updates: recomputing it would update it "
+                    "twice); set use_cache=False while training, as Hugging Face's own gradient "
+                    "checkpointing does")
+    if kwargs.get("use_cache") is True:
+        return "it is called with use_cache=True; set use_cache=False while training"
+    return None
+
+
 def in_backward() -> bool:
     return torch._C._current_graph_task_id() != -1
 
@@ -61,17 +78,20 @@ class LayerTracker:
         self.prefetcher = prefetcher
         self._handles = []
         for module in self.layers:
-            self._handles.append(module.register_forward_pre_hook(self._pre_hook))
+            self._handles.append(module.register_forward_pre_hook(self._pre_hook, with_kwargs=True))
             self._handles.append(module.register_forward_hook(self._post_hook))
 
     def index_of(self, module: torch.nn.Module) -> int:
         return self._index[id(module)]
 
-    def _pre_hook(self, module: torch.nn.Module, args) -> None:
+    def _pre_hook(self, module: torch.nn.Module, args, kwargs) -> None:
         if torch.compiler.is_compiling():
             return  # traced into a compiled graph: it would not run per call (see offloader)
         if self.position.scope is not None and not in_backward():
-            self.position.enter_layer(self._index[id(module)], _input_bytes(args))
+            # A layer that updates outside state (a KV cache) cannot be recomputed: it reports
+            # no input bytes, so the plan never chooses to.
+            recomputable = stateful_call(kwargs) is None
+            self.position.enter_layer(self._index[id(module)], _input_bytes(args) if recomputable else 0)
 
     def _post_hook(self, module: torch.nn.Module, args, output) -> None:
         if torch.compiler.is_compiling() or self.position.scope is None or in_backward():

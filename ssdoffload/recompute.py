@@ -22,13 +22,25 @@ from typing import Any, Callable, Dict, Iterable, Sequence
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from .layers import in_backward
+from .layers import in_backward, stateful_call
 
 log = logging.getLogger("ssdoffload")
 
 
+_warned: set = set()
+
+
 def _recomputed(forward: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     if not torch.is_grad_enabled() or in_backward():
+        return forward(*args, **kwargs)
+    why = stateful_call(kwargs)
+    if why is not None:
+        # Refused, and said once per layer: the layer runs as it is (its activations then go
+        # where budget mode's back-pressure puts them, the plan learns it cannot recompute it).
+        owner = getattr(forward, "__self__", forward)
+        if id(owner) not in _warned:
+            _warned.add(id(owner))
+            log.warning("ssdoffload: not recomputing %s: %s", type(owner).__name__, why)
         return forward(*args, **kwargs)
     return checkpoint(forward, *args, use_reentrant=False, **kwargs)
 

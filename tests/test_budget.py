@@ -248,3 +248,90 @@ def test_budget_config_is_validated(tmp_path):
         with pytest.raises(ValueError, match="not one of"):
             off.set_plan(["recompute+tape"])
     assert set(CHOICES) >= {DEVICE, SSD, RECOMPUTE, RECOMPUTE_SSD}
+
+
+def _llama_run(config, choices=None, steps=3, use_cache=False):
+    """A tiny random Hugging Face Llama (attention dropout on), trained by hand; returns the
+    losses and gradients of each step."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                                   num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=32,
+                                   attention_dropout=0.1, attn_implementation="eager", use_cache=use_cache)
+    model = transformers.LlamaForCausalLM(cfg).train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    off = ssdoffload.Offloader(model, config) if config is not None else None
+    losses, grads = [], []
+    try:
+        for step in range(steps):
+            if off is not None and choices is not None and step == 1:
+                off.set_plan(choices)
+            ids = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(step))
+            torch.manual_seed(100 + step)
+            with (off.step() if off is not None else torch.enable_grad()):
+                loss = model(input_ids=ids, labels=ids).loss
+                loss.backward()
+            losses.append(loss.detach().clone())
+            grads.append([p.grad.detach().clone() for p in model.parameters()])
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        recomputed = sorted(off.recomputed.indices) if off is not None else []
+    finally:
+        if off is not None:
+            off.close()
+    return losses, grads, recomputed
+
+
+@pytest.mark.parametrize("choices", [
+    [DEVICE, RECOMPUTE, DEVICE, RECOMPUTE_SSD, SSD, RECOMPUTE, DEVICE],
+    [SSD, RECOMPUTE_SSD, SSD, RECOMPUTE_SSD, SSD, RECOMPUTE_SSD, SSD],
+])
+def test_hugging_face_llama_under_recompute_plans_is_bit_identical(tmp_path, choices):
+    """A model we did not write: its decoder layers take keyword tensors (masks, rotary
+    embeddings) that the checkpointed call must carry through."""
+    reference = _llama_run(None)
+    got = _llama_run(_budget_config(tmp_path, 1 << 40), choices)
+    assert_bit_identical(reference, got)
+    assert got[2] == [i for i in range(3) if choices[2 * i + 1].startswith(RECOMPUTE)]
+
+
+def test_hugging_face_llama_in_budget_mode_is_bit_identical(tmp_path):
+    reference = _llama_run(None, steps=4)
+    got = _llama_run(_budget_config(tmp_path, 96 << 10), steps=4)
+    assert_bit_identical(reference, got)
+
+
+def test_a_layer_that_updates_a_kv_cache_is_not_recomputed(tmp_path, caplog):
+    """With use_cache=True each Llama layer appends to a cache it is given: running it again in
+    backward would append twice (HF's own checkpointing turns the cache off). A pinned recompute
+    plan is refused at the call, with a warning, and the run stays bit-identical; budget mode
+    never plans it (the layer reports no input to keep)."""
+    choices = [DEVICE, RECOMPUTE, DEVICE, RECOMPUTE_SSD, SSD, RECOMPUTE, DEVICE]
+    reference = _llama_run(None, use_cache=True)
+    with caplog.at_level("WARNING", logger="ssdoffload"):
+        got = _llama_run(_budget_config(tmp_path, 1 << 40), choices, use_cache=True)
+    assert_bit_identical(reference, got)
+    assert "not recomputing LlamaDecoderLayer" in caplog.text and "use_cache=False" in caplog.text
+
+    plans = []
+    budget_run = _llama_run_with_plans(_budget_config(tmp_path, 96 << 10), plans)
+    assert_bit_identical(_llama_run(None, steps=4, use_cache=True), budget_run)
+    assert plans and not any(p.startswith(RECOMPUTE) for plan in plans for p in plan)
+
+
+def _llama_run_with_plans(config, plans):
+    from ssdoffload import offloader as offloader_mod
+
+    class Recording(offloader_mod.Offloader):
+        def end_step(self):
+            out = super().end_step()
+            if self.plan() is not None:
+                plans.append(self.plan().placement)
+            return out
+
+    original = ssdoffload.Offloader
+    ssdoffload.Offloader = Recording
+    try:
+        return _llama_run(config, steps=4, use_cache=True)
+    finally:
+        ssdoffload.Offloader = original
