@@ -51,6 +51,8 @@ class Place:
     overflow: Optional["Place"] = None
     #: Prefix of the timeline events of this place's transfers ("" for the drive).
     timeline_prefix: str = ""
+    #: A stage in front of ``overflow``: when full, its oldest entries move there.
+    drains: bool = False
 
     def reserve(self, nbytes: int) -> Any:
         raise NotImplementedError
@@ -204,13 +206,16 @@ class DrivePlace(Place):
 
 
 class HostRamPlace(Place):
-    """Pinned host RAM within ``host_cache_bytes`` (``host_ram.HostTier``), in front of the
-    drive: a tensor that does not fit goes to ``overflow`` (the drive). CUDA tensors are copied
-    on the engine's host thread; CPU tensors stay where they are (``moves`` is False) and only
-    take budget, trading RAM for disk I/O."""
+    """Pinned host RAM within ``host_cache_bytes`` (``host_ram.HostTier``), a write-back stage
+    in front of the drive: a tensor that does not fit goes to ``overflow`` (the drive), and
+    the oldest ones in RAM are drained there in the background (``Transfers._drain``), so RAM
+    keeps the newest — those backward reads first. CUDA tensors are copied on the engine's
+    host thread; CPU tensors stay where they are (``moves`` is False) and only take budget,
+    trading RAM for disk I/O."""
 
     name = RAM
     timeline_prefix = "host-"
+    drains = True
 
     def __init__(self, tier: HostTier, engine: IOEngine, stats: StatsCollector, overflow: Place) -> None:
         self.tier = tier

@@ -43,6 +43,8 @@ class OffloadStats:
     #: Bytes copied into / back from the host-RAM tier (CUDA), or kept in place by it (CPU).
     host_bytes_written: int = 0
     host_bytes_read: int = 0
+    #: Bytes the host-RAM tier moved on to the drive when it was full (write-back stage).
+    host_bytes_drained: int = 0
     #: Host-RAM tier use now and its peak (aligned bytes; never above host_cache_bytes).
     host_tier_bytes: int = 0
     peak_host_tier_bytes: int = 0

@@ -80,6 +80,9 @@ class Transfers:
         self._pending_lock = threading.Lock()
         #: Set by ``Offloader.close()``: nothing new is written from then on.
         self.closed = False
+        #: Entries in a place that drains (host RAM), oldest first: drained first when it is full.
+        self._staged: dict = {}
+        self._stage_lock = threading.Lock()
 
     # -- handles -------------------------------------------------------------------------
     def new_handle(self, entry: Entry, tensor: torch.Tensor) -> Handle:
@@ -102,6 +105,8 @@ class Transfers:
         try:
             location = place.reserve(entry.nbytes)
             while location is None and place.overflow is not None:  # full: the next place
+                if place.drains:
+                    self._drain(place, entry.nbytes)  # make room for the tensors that follow
                 place = place.overflow
                 location = place.reserve(entry.nbytes)
         except OSError as exc:
@@ -111,6 +116,9 @@ class Transfers:
             self._write_failed(entry, OSError(f"no room for {entry.nbytes} bytes in {place.name}"))
             return
         entry.place, entry.extent = place, location
+        if place.drains:
+            with self._stage_lock:
+                self._staged[entry] = None
         if not place.moves(entry.device):
             place.kept_in_place(location)  # stays RESIDENT where it is; the location holds its budget
             return
@@ -131,6 +139,78 @@ class Transfers:
         with self._pending_lock:
             self._pending_writes[fut] = None
         fut.add_done_callback(self._write_done)
+
+    # -- the RAM stage draining to the drive ------------------------------------------------
+    def _drain(self, stage: Place, nbytes: int) -> None:
+        """``stage`` (host RAM) is full: move its oldest entries to ``stage.overflow`` (the
+        drive) in the background until about ``nbytes`` will be free. Forward does not wait:
+        the tensor that found it full goes to the drive itself; the ones after it find room.
+        Backward needs the oldest entries last, so RAM keeps what it will read first."""
+        started = 0
+        while started < nbytes:
+            with self._stage_lock:
+                entry = next(iter(self._staged), None)
+                if entry is None:
+                    return
+                del self._staged[entry]
+            if self._drain_one(entry, stage):
+                started += entry.nbytes
+
+    def _drain_one(self, entry: Entry, stage: Place) -> bool:
+        drive = stage.overflow
+        assert drive is not None
+        with self.cache.lock:
+            state = entry.state
+            if entry.place is not stage or state not in (State.RESIDENT, State.ON_DISK):
+                return False  # being read back, used or freed: it stays where it is
+        try:
+            extent = drive.reserve(entry.nbytes)
+        except OSError as exc:
+            log.debug("ssdoffload: not draining %s: %s", entry.describe(), exc)
+            return False
+        slot = entry.extent
+        self.stats.add(host_bytes_drained=entry.nbytes)
+        if state is State.RESIDENT:
+            # Kept in place (a CPU host): an ordinary write to the drive; the RAM budget it held
+            # is returned when that write has finished, whatever its outcome.
+            with self.cache.lock:
+                if entry.state is not State.RESIDENT or entry.place is not stage:
+                    drive.free(extent)
+                    return False
+                entry.place, entry.extent = drive, extent
+                self.cache.transition(entry, State.WRITING)
+            self._submit_write(entry, None)
+            entry.write_future.add_done_callback(lambda _f: stage.free(slot))
+            return True
+        # Copied into a pinned slot (CUDA): the drive writes the slot; the entry moves to the
+        # drive when that write is done, unless backward took it meanwhile.
+        fut = drive.submit_write(self._drain_job, entry, stage, slot, drive, extent)
+        entry.write_future = fut
+        with self._pending_lock:
+            self._pending_writes[fut] = None
+        fut.add_done_callback(self._write_done)
+        return True
+
+    def _drain_job(self, entry: Entry, stage: Place, slot, drive: Place, extent) -> None:
+        moved = False
+        try:
+            if entry.state is State.ON_DISK:
+                drive.pace_write(entry.nbytes, lambda: entry.state is State.FREED)
+                src = stage.tier.view(slot)
+                t0 = time.perf_counter()
+                checksums = drive.write(src, extent, src.device, None, stop=lambda: entry.state is State.FREED)
+                self.timeline.add("drain", t0, time.perf_counter(), entry.nbytes, entry.layer, entry.scope)
+                with self.cache.lock:
+                    if entry.state is State.ON_DISK and entry.extent is slot:
+                        entry.place, entry.extent, entry.checksums = drive, extent, checksums
+                        moved = True
+        except (OSError, RuntimeError, WriteAbandoned) as exc:  # it stays in RAM, as good as before
+            log.debug("ssdoffload: draining %s failed: %s", entry.describe(), exc)
+        finally:
+            if moved:
+                stage.free(slot)
+            else:
+                drive.free(extent)
 
     def _write_done(self, fut) -> None:
         with self._pending_lock:
@@ -378,6 +458,8 @@ class Transfers:
     def _free(self, entry: Entry) -> None:
         """The last handle is gone: return the memory now and, once no I/O uses it, the
         location (whichever of the entry's transfers finishes last returns it)."""
+        with self._stage_lock:
+            self._staged.pop(entry, None)
         with self.cache.lock:
             self.cache.transition(entry, State.FREED)
             storage, entry.storage = entry.storage, None

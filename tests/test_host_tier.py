@@ -96,3 +96,43 @@ def test_cuda_tier_frees_device_memory(spill_dir):
             assert stats.bytes_written == 0  # all of it fit in RAM
             loss.backward()
         assert off.stats().host_bytes_read > 0
+
+
+def test_a_ram_stage_smaller_than_the_step_still_offloads_everything(spill_dir):
+    """Host RAM for a quarter of what a step offloads: every offloadable tensor still leaves
+    (the oldest drained from RAM to the drive as the stage fills), RAM never holds more than
+    its budget, and at the end of forward what stays in memory is at most the stage — the
+    newest tensors, which backward reads first. Gradients bit-identical."""
+    probe = train(_cfg(spill_dir, policy="all"), steps=1)
+    offloadable = probe[2].offloadable_bytes
+    budget = offloadable // 4
+    reference = train(None, steps=2)
+    seen = {}
+
+    def before_backward(off, step):
+        seen.setdefault("forward", []).append(off.current_step_stats())
+
+    from ssdoffload.models.gpt import GPT, synthetic_batch
+
+    torch.manual_seed(0)
+    model = GPT(TINY)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    losses, grads = [], []
+    with ssdoffload.Offloader(model, _cfg(spill_dir, policy="all", host_cache_bytes=budget)) as off:
+        for step in range(2):
+            tokens, targets = synthetic_batch(TINY, 4, torch.device("cpu"), seed=step)
+            with off.step():
+                loss = model(tokens, targets)
+                off.wait()
+                before_backward(off, step)
+                loss.backward()
+            losses.append(loss.detach().clone())
+            grads.append([p.grad.detach().clone() for p in model.parameters()])
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        stats = off.stats()
+    assert_bit_identical(reference, (losses, grads))
+    for fwd in seen["forward"]:
+        assert fwd.offloadable_bytes == offloadable and fwd.host_bytes_drained > 0
+        assert fwd.resident_bytes <= off.tier.budget  # the rest is on the drive
+    assert stats.peak_host_tier_bytes <= off.tier.budget and stats.bytes_written > 0

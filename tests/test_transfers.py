@@ -130,20 +130,34 @@ def test_a_place_that_cannot_take_it_leaves_the_tensor_in_memory(parts):
     assert parts.transfers.materialize(e) is t.untyped_storage()
 
 
-def test_host_ram_keeps_cpu_tensors_in_place_and_overflows_to_the_drive(tmp_path):
+def test_host_ram_keeps_cpu_tensors_in_place_and_drains_the_oldest_to_the_drive(tmp_path):
+    """The RAM stage (64 KiB here) keeps CPU tensors in place; when a tensor does not fit, it
+    goes to the drive and the oldest in RAM are drained there too, so the RAM holds the newest
+    (what backward reads first) and room is made for the next ones."""
     parts = Parts(str(tmp_path / "spill"), host_bytes=64 << 10)
     try:
-        small, big = torch.randn(4096), torch.randn(64, 1024)  # 16 KiB fits, 256 KiB does not
-        a, b = parts.entry(small), parts.entry(big)
-        ha, hb = parts.transfers.new_handle(a, small), parts.transfers.new_handle(b, big)
-        parts.transfers.start_write(a, parts.ram)
-        parts.transfers.start_write(b, parts.ram)
-        assert a.place is parts.ram and a.state is State.RESIDENT  # a CPU tensor: no copy
+        tensors = [torch.randn(4096) for _ in range(3)] + [torch.randn(8192), torch.randn(4096)]
+        copies = [t.clone() for t in tensors]
+        entries = [parts.entry(t) for t in tensors]
+        handles = [parts.transfers.new_handle(e, t) for e, t in zip(entries, tensors)]
+        for e in entries[:4]:
+            parts.transfers.start_write(e, parts.ram)
+        # 3 x 16 KiB in RAM; the 32 KiB one did not fit: it and the two oldest go to the drive.
+        assert [e.place for e in entries[:4]] == [parts.drive, parts.drive, parts.ram, parts.drive]
+        assert entries[2].state is State.RESIDENT  # a CPU tensor: no copy
+        parts.transfers.wait_writes()
         assert parts.tier.used == 16 << 10 and parts.step("host_tier_bytes") == 16 << 10
-        assert b.place is parts.drive
-        wait_for(b.write_future)
-        assert b.state is State.ON_DISK and parts.step("bytes_written") == b.nbytes
-        del ha, hb
+        assert parts.step("host_bytes_drained") == 32 << 10
+        parts.transfers.start_write(entries[4], parts.ram)  # the drained room is free again
+        assert entries[4].place is parts.ram and parts.tier.used == 32 << 10
+        assert parts.tier.peak <= 64 << 10
+        for e in (entries[0], entries[1], entries[3]):
+            assert e.state is State.ON_DISK and e.storage is None
+        del tensors
+        for e, expected in zip(entries, copies):  # every one comes back right, wherever it is
+            storage = parts.transfers.materialize(e)
+            assert torch.equal(torch.empty(0).set_(storage, 0, expected.shape, (1,)), expected)
+        del handles, storage
         parts.cache.releases.drain()
         assert parts.tier.used == 0 and parts.step("host_tier_bytes") == 0
         assert parts.drive.store.used == 0
