@@ -47,6 +47,11 @@ run gpu-1b 250 bench --preset gpu-1b --steps 3 --warmup 1 --spill-path "$SPILL/1
 # 4. are CUDA kernels the reason if losses differ? a small deterministic run
 run determinism 60 bench --preset gpu-350m --layers 4 --steps 2 --warmup 1 --strategies keep,recompute,ssd \
     --deterministic --no-plots --spill-path "$SPILL/det" -o "$OUT_DIR/determinism" --no-progress
+# 5. budget mode's frontier (issue 14): gpu-1b, and the long-context preset
+run frontier-1b 240 bench --preset gpu-1b --budgets 1,0.6,0.4,0.25 --spill-path "$SPILL/f1b" \
+    -o "$OUT_DIR/frontier-1b" --no-progress
+run frontier-long 240 bench --preset gpu-long --budgets 1,0.5,0.25,0.15 --spill-path "$SPILL/flong" \
+    -o "$OUT_DIR/frontier-long" --no-progress
 # optional: the micro-batch sweep (SWEEP=1), on the 350M preset
 if [ "${SWEEP:-0}" = 1 ]; then
   run sweep 240 bench --preset gpu-350m --steps 2 --warmup 1 --sweep-micro-batch --sweep-max-micro-batch 32 \

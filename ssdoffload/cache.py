@@ -87,6 +87,7 @@ class Entry:
     refs: int = 0
     write_future: Any = None
     read_future: Any = None
+    drain_future: Any = None       # host RAM moving it on to the drive (CUDA slots)
     ready_event: Any = None        # CUDA: when the reloaded buffer may be used
     compute_stream: Any = None     # CUDA: the stream the tensor was produced / reloaded for
     error: Optional[BaseException] = None

@@ -89,6 +89,10 @@ class Place:
     def kept_in_place(self, location: Any) -> None:
         """A tensor that ``moves`` nothing for stays where it is, holding ``location``."""
 
+    def source(self, location: Any) -> torch.Tensor:
+        """The bytes at ``location`` as a host tensor, for a stage that drains (``drains``)."""
+        raise NotImplementedError(f"{type(self).__name__} does not drain")
+
     def describe(self, location: Any) -> str:
         return location.describe()
 
@@ -258,6 +262,9 @@ class HostRamPlace(Place):
         ready = self._backend(device).read(dst, location, allocated)
         self.stats.add(host_bytes_read=location.nbytes)
         return ready
+
+    def source(self, location: HostSlot) -> torch.Tensor:
+        return self.tier.view(location)
 
     def kept_in_place(self, location: HostSlot) -> None:
         """A CPU tensor holds ``location``'s budget where it is (no copy)."""

@@ -184,8 +184,10 @@ class Transfers:
             return True
         # Copied into a pinned slot (CUDA): the drive writes the slot; the entry moves to the
         # drive when that write is done, unless backward took it meanwhile.
+        # Not the entry's write_future: freeing the entry cancels that one, and this job must
+        # run to return the extent it holds.
         fut = drive.submit_write(self._drain_job, entry, stage, slot, drive, extent)
-        entry.write_future = fut
+        entry.drain_future = fut
         with self._pending_lock:
             self._pending_writes[fut] = None
         fut.add_done_callback(self._write_done)
@@ -196,7 +198,7 @@ class Transfers:
         try:
             if entry.state is State.ON_DISK:
                 drive.pace_write(entry.nbytes, lambda: entry.state is State.FREED)
-                src = stage.tier.view(slot)
+                src = stage.source(slot)
                 t0 = time.perf_counter()
                 checksums = drive.write(src, extent, src.device, None, stop=lambda: entry.state is State.FREED)
                 self.timeline.add("drain", t0, time.perf_counter(), entry.nbytes, entry.layer, entry.scope)
@@ -468,7 +470,7 @@ class Transfers:
         del storage
         if entry.write_future is not None and entry.write_future.cancel():
             self.stats.add(writes_skipped=1)  # freed before its write started
-        futures = [f for f in (entry.write_future, entry.read_future) if f is not None]
+        futures = [f for f in (entry.write_future, entry.read_future, entry.drain_future) if f is not None]
         remaining = [len(futures)]
         lock = threading.Lock()
 

@@ -208,3 +208,25 @@ def test_micro_batches_multiply_to_the_per_replica_batch():
             assert o["micro_batch"] * o["num_microbatches"] == 64, o
     with pytest.raises(ValueError, match="multiple of dp"):
         plan(spec, gpu_memory_gib=80, global_batch=100, dp=8)
+
+
+def test_layer_plan_answers_the_budget_question_before_a_run(capsys):
+    """``plan --layer-plan``: budget mode's per-layer choices for the budget, at the largest
+    micro-batch dividing the batch that fits; a smaller budget fits a smaller micro-batch or
+    needs more of the cheaper-in-memory choices."""
+    from ssdoffload.planner.cli import main as plan_main
+
+    def run(budget):
+        rc = plan_main(["--layers", "8", "--hidden", "1024", "--seq", "8192", "--budget", str(budget),
+                        "--global-batch", "8", "--layer-plan", "--json"])
+        assert rc == 0
+        return json.loads(capsys.readouterr().out)["layer_plan"]
+
+    roomy, tight = run(64), run(4)
+    assert roomy["micro_batch"] is not None and tight["micro_batch"] is not None
+    assert 8 % roomy["micro_batch"] == 0 and 8 % tight["micro_batch"] == 0
+    assert tight["micro_batch"] <= roomy["micro_batch"]
+    assert tight["predicted_peak_bytes"] <= 4 * 2**30 and roomy["predicted_peak_bytes"] <= 64 * 2**30
+    kept = lambda p: sum(1 for c in p["choices"][1::2] if c == "device")  # noqa: E731
+    assert kept(tight) <= kept(roomy)
+    assert run(0.001)["micro_batch"] is None

@@ -71,6 +71,13 @@ PRESETS: Dict[str, Preset] = {
                GPTConfig(vocab=32000, seq=2048, hidden=2048, heads=16, layers=20, dropout=0.0),
                micro_batch=4, steps=8, warmup=3, dtype="bfloat16", min_offload_bytes=1 << 20,
                prefetch_depth=2, io_threads=8, for_device="cuda"),
+        # Long context (issue 14): one sequence of 32K tokens, where a layer's activations are
+        # large next to its compute and checkpoint-input offload to the SSD should hide.
+        Preset("gpu-long", "long context: hidden 2048, 16 layers, seq 32768, micro-batch 1 (flash attention "
+               "via SDPA); where recompute-with-inputs-on-the-SSD pays",
+               GPTConfig(vocab=32000, seq=32768, hidden=2048, heads=16, layers=16, dropout=0.0),
+               micro_batch=1, steps=6, warmup=2, dtype="bfloat16", min_offload_bytes=1 << 20,
+               prefetch_depth=2, io_threads=8, for_device="cuda"),
         Preset("gpu-350m", "a ~350 M-parameter GPT: hidden 1024, 24 layers, seq 2048 (quick GPU check)",
                GPTConfig(vocab=32000, seq=2048, hidden=1024, heads=16, layers=24, dropout=0.0),
                micro_batch=4, steps=8, warmup=3, dtype="bfloat16", min_offload_bytes=1 << 20,

@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--capacity", type=float, help="drive capacity, TB")
     d.add_argument("--warranty-years", type=float, default=5.0, help="warranty the endurance is rated over (default 5)")
     d.add_argument("--gpus-per-drive", type=float, default=1.0, help="GPUs sharing one drive (default 1)")
+    ap.add_argument("--layer-plan", action="store_true",
+                    help="also the per-layer plan budget mode would choose (keep / SSD / recompute / "
+                    "recompute with the input on the SSD) for the budget, at the largest micro-batch that fits")
     ap.add_argument("--json", action="store_true", help="print JSON instead of the table")
     ap.add_argument("--output", help="also write the JSON to this file")
     return ap
@@ -103,11 +106,21 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (ValueError, OSError) as exc:
         print(f"ssdoffload plan: error: {exc}", file=sys.stderr)
         return 2
-    text = json.dumps(result.as_dict(), indent=2, default=float)
+    out = result.as_dict()
+    layer = None
+    if args.layer_plan:
+        from .layer_plan import candidates, layer_plan
+
+        layer = layer_plan(result.profile, int(result.inputs["budget_bytes"]), drive,
+                           candidates(args.global_batch, args.dp))
+        out["layer_plan"] = layer.as_dict()
+    text = json.dumps(out, indent=2, default=float)
     if args.output:
         with open(args.output, "w") as f:
             f.write(text)
     print(text if args.json else result)
+    if layer is not None and not args.json:
+        print(layer)
     return 0
 
 
