@@ -48,8 +48,22 @@ def find_layers(model: Optional[torch.nn.Module]) -> List[torch.nn.Module]:
 _STATEFUL_KWARGS = ("past_key_value", "past_key_values", "layer_past", "cache_params")
 
 
-def stateful_call(kwargs: dict) -> Optional[str]:
+def updates_buffers(module: torch.nn.Module) -> Optional[str]:
+    """Why running ``module``'s forward twice would change the model (None: it would not):
+    batch norms in training mode update their running statistics on every forward."""
+    for name, m in module.named_modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats:
+            return (f"{name or type(module).__name__} ({type(m).__name__}) updates its running statistics "
+                    "in every training forward: a recomputation would update them twice")
+    return None
+
+
+def stateful_call(kwargs: dict, module: Optional[torch.nn.Module] = None) -> Optional[str]:
     """Why a layer called with ``kwargs`` must not be recomputed (None: it may be)."""
+    if module is not None:
+        why = updates_buffers(module)
+        if why is not None:
+            return why
     for name in _STATEFUL_KWARGS:
         if kwargs.get(name) is not None:
             return (f"it is called with {name}= (a cache it updates: recomputing it would update it "
@@ -90,7 +104,7 @@ class LayerTracker:
         if self.position.scope is not None and not in_backward():
             # A layer that updates outside state (a KV cache) cannot be recomputed: it reports
             # no input bytes, so the plan never chooses to.
-            recomputable = stateful_call(kwargs) is None
+            recomputable = stateful_call(kwargs, module) is None
             self.position.enter_layer(self._index[id(module)], _input_bytes(args) if recomputable else 0)
 
     def _post_hook(self, module: torch.nn.Module, args, output) -> None:

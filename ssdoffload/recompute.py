@@ -33,7 +33,8 @@ _warned: set = set()
 def _recomputed(forward: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     if not torch.is_grad_enabled() or in_backward():
         return forward(*args, **kwargs)
-    why = stateful_call(kwargs)
+    owner = getattr(forward, "__self__", None)
+    why = stateful_call(kwargs, owner if isinstance(owner, torch.nn.Module) else None)
     if why is not None:
         # Refused, and said once per layer: the layer runs as it is (its activations then go
         # where budget mode's back-pressure puts them, the plan learns it cannot recompute it).

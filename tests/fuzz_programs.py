@@ -116,6 +116,7 @@ class Settings:
     steps: int = 1                  # training steps with the same offloader
     drop_refs: bool = False         # drop every Python reference to intermediates before backward
     sync_writes: bool = True        # off.wait() after every op (deterministic write timing)
+    memory_budget: Optional[int] = None  # with policy "budget": back-pressure, diversions, recompute
 
 
 @dataclass(frozen=True)
@@ -1074,7 +1075,7 @@ def settings_strategy(draw, **pins) -> Settings:
         return pins[name] if name in pins else draw(strategy)
 
     return Settings(
-        policy=get("policy", st.sampled_from(["all", "adaptive"])),
+        policy=get("policy", st.sampled_from(["all", "adaptive", "budget"])),
         prefetch_depth=get("prefetch_depth", st.integers(0, 3)),
         min_offload_bytes=get("min_offload_bytes", st.sampled_from(THRESHOLDS)),
         max_write_bandwidth=get("max_write_bandwidth", st.sampled_from([None, 20e6, 2e6])),
@@ -1088,6 +1089,7 @@ def settings_strategy(draw, **pins) -> Settings:
         # Shrinks to True: a failure that also shows with every write finished between ops is
         # deterministic (no race), which keeps shrinking and replays reliable.
         sync_writes=get("sync_writes", st.booleans().map(lambda b: not b)),
+        memory_budget=get("memory_budget", st.sampled_from([4096, 65536, 1 << 20])),
     )
 
 
@@ -1252,6 +1254,7 @@ class Outcome:
 def offload_config(s: Settings, spill_dir: str) -> ssdoffload.OffloadConfig:
     return ssdoffload.OffloadConfig(
         path=spill_dir, min_offload_bytes=s.min_offload_bytes, policy=s.policy,
+        memory_budget=s.memory_budget if s.policy == "budget" else None,
         prefetch_depth=s.prefetch_depth, max_write_bandwidth=s.max_write_bandwidth,
         io_threads=s.io_threads, host_cache_bytes=s.host_cache_bytes, verify=s.verify,
         initial_file_bytes=1 << 20)
@@ -1453,7 +1456,8 @@ def describe(p: Program) -> str:
     lines = [
         f"# settings: policy={s.policy!r}, prefetch_depth={s.prefetch_depth}, "
         f"min_offload_bytes={s.min_offload_bytes}, max_write_bandwidth={s.max_write_bandwidth}, "
-        f"io_threads={s.io_threads}, host_cache_bytes={s.host_cache_bytes}, verify={s.verify}",
+        f"io_threads={s.io_threads}, host_cache_bytes={s.host_cache_bytes}, verify={s.verify}"
+        f"{f', memory_budget={s.memory_budget}' if s.policy == 'budget' else ''}",
         f"#           model={'Model(' + str(s.n_layers) + ' layers)' if s.use_model else None}, "
         f"steps={s.steps}, drop_refs_before_backward={s.drop_refs}, "
         f"sync_writes={s.sync_writes}{' (off.wait() after every op)' if s.sync_writes else ''}",

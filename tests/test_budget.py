@@ -335,3 +335,57 @@ def _llama_run_with_plans(config, plans):
         return _llama_run(config, steps=4, use_cache=True)
     finally:
         ssdoffload.Offloader = original
+
+
+class _BNBlock(torch.nn.Module):
+    def __init__(self, width):
+        super().__init__()
+        self.lin = torch.nn.Linear(width, width)
+        self.bn = torch.nn.BatchNorm1d(width)
+
+    def forward(self, x):
+        return torch.relu(self.bn(self.lin(x))) + x
+
+
+class _BNNet(torch.nn.Module):
+    def __init__(self, width=64, depth=3):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(_BNBlock(width) for _ in range(depth))
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = b(x)
+        return x.square().mean()
+
+
+def _bn_run(config, choices=None, steps=3):
+    torch.manual_seed(0)
+    model = _BNNet()
+    off = ssdoffload.Offloader(model, config) if config is not None else None
+    grads = []
+    try:
+        for step in range(steps):
+            if off is not None and choices is not None and step == 1:
+                off.set_plan(choices)
+            x = torch.randn(128, 64, generator=torch.Generator().manual_seed(step))
+            with (off.step() if off is not None else torch.enable_grad()):
+                model(x).backward()
+            grads.append([p.grad.clone() for p in model.parameters()])
+            model.zero_grad(set_to_none=True)
+    finally:
+        if off is not None:
+            off.close()
+    return grads, [b.detach().clone() for b in model.buffers()]
+
+
+def test_a_layer_with_batch_norm_is_not_recomputed(tmp_path, caplog):
+    """Recomputing a block with a training-mode batch norm would update its running statistics
+    twice (the model would drift from plain training with the same gradients): refused."""
+    reference = _bn_run(None)
+    choices = [DEVICE, RECOMPUTE, DEVICE, RECOMPUTE_SSD, DEVICE, RECOMPUTE, DEVICE]
+    with caplog.at_level("WARNING", logger="ssdoffload"):
+        got = _bn_run(_budget_config(tmp_path, 1 << 40, min_offload_bytes=0), choices)
+    for ga, gb in zip(reference[0], got[0]):
+        assert all(torch.equal(a, b) for a, b in zip(ga, gb))
+    assert all(torch.equal(a, b) for a, b in zip(reference[1], got[1]))  # running stats too
+    assert "updates its running statistics" in caplog.text
