@@ -239,6 +239,8 @@ class Plan:
     version: int = 0
     reason: str = ""
     ssdtrain_groups: Optional[int] = None
+    #: Budget mode: per group with bytes, why it got its choice (what the others would cost).
+    why: Tuple[str, ...] = ()
 
     def place(self, group: int) -> str:
         if 0 <= group < len(self.placement):
@@ -278,7 +280,7 @@ class Plan:
                 f"{p.compute_seconds:.3f} s, peak {p.peak_device_bytes * mib:.1f} MiB, "
                 f"ssd {p.ssd_bytes * mib:.1f} MiB, ram {p.ram_bytes * mib:.1f} MiB"
                 f"{f' (SSDTrain rule: {self.ssdtrain_groups} groups)' if self.ssdtrain_groups is not None else ''}"
-                f" -- {self.reason}")
+                f" -- {self.reason}" + "".join(f"\n  {line}" for line in self.why))
 
     def as_dict(self) -> dict:
         p = self.prediction
@@ -582,7 +584,7 @@ class AdaptivePolicy:
         plan = Plan(placement=plan.placement, prefetch_depth=plan.prefetch_depth, prediction=plan.prediction,
                     write_bps=plan.write_bps, read_bps=plan.read_bps, names=plan.names,
                     group_bytes=plan.group_bytes, version=self._version, reason=reason,
-                    ssdtrain_groups=plan.ssdtrain_groups)
+                    ssdtrain_groups=plan.ssdtrain_groups, why=plan.why)
         self.plan = plan
         self.history.append(plan)
         del self.history[:-32]

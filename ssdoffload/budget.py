@@ -218,6 +218,36 @@ def solve(groups: Sequence[BudgetGroup], budget: int, machine: Machine, max_stat
     return BudgetPlan(choices=choices, cost=cost, budget=budget, exact=True, feasible=True)
 
 
+def explain(groups: Sequence[BudgetGroup], choices: Sequence[str], machine: Machine, budget: int,
+            limit: int = 64) -> Tuple[str, ...]:
+    """One line per group that saves bytes: its choice, and what each other choice would do
+    with the rest unchanged (over the budget, or how much slower). Empty past ``limit`` groups
+    (quadratic)."""
+    if len(groups) > limit:
+        return ()
+    base = evaluate(groups, choices, machine)
+    mib = 1 / (1 << 20)
+    lines = []
+    for i, g in enumerate(groups):
+        if g.saved_bytes <= 0:
+            continue
+        notes = []
+        for alt in allowed(g, machine):
+            if alt == choices[i]:
+                continue
+            trial = list(choices)
+            trial[i] = alt
+            cost = evaluate(groups, trial, machine)
+            if cost.peak_bytes > budget:
+                notes.append(f"{alt} would peak at {cost.peak_bytes * mib:.2f} MiB > {budget * mib:.2f}")
+            elif cost.ram_bytes > machine.host_bytes:
+                notes.append(f"{alt} would overfill host RAM")
+            else:
+                notes.append(f"{alt} {1e3 * (cost.seconds - base.seconds):+.1f} ms")
+        lines.append(f"{g.name or f'group {i}'}: {choices[i]} ({'; '.join(notes)})")
+    return tuple(lines)
+
+
 def _tidy(groups: Sequence[BudgetGroup], choices: Tuple[str, ...]) -> Tuple[str, ...]:
     """Groups that save nothing cost the same anywhere: call them kept."""
     return tuple(DEVICE if g.saved_bytes <= 0 and not recomputes(c) else c for g, c in zip(groups, choices))
@@ -395,7 +425,10 @@ class BudgetPolicy(AdaptivePolicy):
         groups = self.budget_groups()
         # Plan within (1 - headroom) of the budget: measured sizes move a little from step to
         # step, and the runtime holds whole tensors where the model holds whole groups.
-        solved = solve(groups, int(self.memory_budget * (1 - self.headroom)), self.machine())
+        machine = self.machine()
+        # Keeping everything gets the same headroom: at a budget equal to keep's own peak it
+        # would run over on any step whose tensors come out a little larger.
+        solved = solve(groups, int(self.memory_budget * (1 - self.headroom)), machine)
         return self._as_plan(groups, solved)
 
     def _as_plan(self, groups: Sequence[BudgetGroup], solved: BudgetPlan) -> Plan:
@@ -407,7 +440,8 @@ class BudgetPolicy(AdaptivePolicy):
         note = "" if solved.feasible else " (no plan meets the budget: the lowest peak the model knows)"
         return Plan(placement=solved.choices, prefetch_depth=self.depth, prediction=prediction, write_bps=w,
                     read_bps=r, names=tuple(g.name for g in groups),
-                    group_bytes=tuple(g.saved_bytes for g in groups), reason=note)
+                    group_bytes=tuple(g.saved_bytes for g in groups), reason=note,
+                    why=explain(groups, solved.choices, self.machine(), solved.budget))
 
     def predict(self, choices: Sequence[str]) -> Cost:
         return evaluate(self.budget_groups(), choices, self.machine())

@@ -389,3 +389,26 @@ def test_a_layer_with_batch_norm_is_not_recomputed(tmp_path, caplog):
         assert all(torch.equal(a, b) for a, b in zip(ga, gb))
     assert all(torch.equal(a, b) for a, b in zip(reference[1], got[1]))  # running stats too
     assert "updates its running statistics" in caplog.text
+
+
+def test_the_plan_says_why_each_group_got_its_choice(tmp_path):
+    plans = []
+    train(_budget_config(tmp_path, 2_500_000), steps=3, after_step=lambda off, step: plans.append(off.plan()))
+    plan = plans[-1]
+    text = plan.describe()
+    layers = [line for line in plan.why if line.startswith("layer ")]
+    assert len(layers) == TINY.layers and all(line in text for line in plan.why)
+    for line, choice in zip(layers, plan.placement[1::2]):
+        assert line.split(": ", 1)[1].startswith(choice + " (")
+    # The exact solver's choice is the fastest that fits: no alternative is both within the
+    # planning budget and faster.
+    import re
+    deltas = [float(d) for line in plan.why for d in re.findall(r"([+-]\d+\.\d) ms", line)]
+    assert deltas and min(deltas) >= -0.05
+
+
+def test_the_deepspeed_block_turns_budget_mode_on():
+    config = ssdoffload.OffloadConfig.from_dict({"path": "/tmp/unused", "memory_budget": 8e9})
+    assert config.policy == "budget" and config.memory_budget == 8_000_000_000
+    with pytest.raises(ValueError, match="memory_budget"):
+        ssdoffload.OffloadConfig.from_dict({"path": "/tmp/unused", "memory_budget": "lots"})
