@@ -779,19 +779,25 @@ def test_crc32c_software_and_hardware_paths_agree(tmp_path):
     """Force the slicing-by-8 path in a subprocess and compare with this process."""
     data = _random(3 * MiB + 5, seed=12)
     (tmp_path / "data.bin").write_bytes(data.tobytes())
+    # The hardware path runs three interleaved streams of 8192, then of 256 bytes, and joins
+    # them: lengths on each side of every block boundary, at several alignments.
+    cases = [(off, n) for off in (0, 1, 3, 7, 8)
+             for n in (0, 1, 7, 8, 9, 767, 768, 769, 775, 3 * 8192 - 1, 3 * 8192, 3 * 8192 + 1,
+                       3 * 8192 + 768 + 13, 2 * 3 * 8192 + 5, 100_003, data.size - 8)]
+    (tmp_path / "cases.txt").write_text(" ".join(f"{o},{n}" for o, n in cases))
     script = """
         import numpy as np
         d = np.fromfile(sys.argv[1], dtype=np.uint8)
-        print(_native.CRC32C_IMPLEMENTATION, _native.crc32c(d.ctypes.data, d.size),
-              _native.crc32c(d.ctypes.data + 3, d.size - 3))
+        cases = [tuple(map(int, c.split(","))) for c in open(sys.argv[2]).read().split()]
+        print(_native.CRC32C_IMPLEMENTATION, *(_native.crc32c(d.ctypes.data + o, n) for o, n in cases))
         """
-    proc = _run_with_native(script, str(tmp_path / "data.bin"),
+    proc = _run_with_native(script, str(tmp_path / "data.bin"), str(tmp_path / "cases.txt"),
                             env=dict(os.environ, SSDOFFLOAD_CRC32C_SOFTWARE="1"))
     assert proc.returncode == 0, proc.stderr
-    impl, full, shifted = proc.stdout.split()
+    impl, *software = proc.stdout.split()
     assert impl == "slicing-by-8"
-    assert int(full) == _native.crc32c(data.ctypes.data, data.size)
-    assert int(shifted) == _native.crc32c(data.ctypes.data + 3, data.size - 3)
+    here = [_native.crc32c(data.ctypes.data + o, n) for o, n in cases]
+    assert [int(x) for x in software] == here
 
 
 def test_reading_memory_freed_under_a_write_is_an_error_not_a_crash(tmp_path):
