@@ -106,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--memory-budget", type=parse_size, help="budget for the sweep (default: GPU memory; on a CPU "
                    "4x keep's activation bytes)")
     b.add_argument("--sweep-max-micro-batch", type=int, help="stop the sweep at this micro-batch")
+    b.add_argument("--overhead", action="store_true",
+                   help="instead of the comparison: what the hooks cost the compute thread per saved tensor "
+                   "(64 tiny layers; plain, trivial hooks, ssdoffload keeping all, offloading all)")
     b.add_argument("--budgets", nargs="?", const="default", metavar="F,F,...",
                    help="instead of the comparison: the memory/step-time frontier (keep, recompute, "
                    "checkpoint-input offload, full SSD offload, and budget mode at these fractions of "
@@ -175,7 +178,27 @@ def _frontier(args: argparse.Namespace) -> int:
     return 0
 
 
+def _overhead(args: argparse.Namespace) -> int:
+    import json
+
+    import torch
+
+    from .bench.overhead import format_overhead, measure_overhead
+
+    torch.set_num_threads(1)  # the hooks' cost, not the kernels' parallelism
+    result = measure_overhead(spill_path=args.spill_path[0] if args.spill_path else "")
+    out = os.path.abspath(args.output)
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "overhead.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    print(format_overhead(result))
+    print(f"results written to {out} (overhead.json)")
+    return 0
+
+
 def _bench(args: argparse.Namespace) -> int:
+    if args.overhead:
+        return _overhead(args)
     if args.budgets is not None:
         return _frontier(args)
     from .bench import plots, report as report_mod

@@ -32,11 +32,11 @@ from .errors import OffloadError
 from .forward_position import ForwardPosition
 from .layers import in_backward
 from .placement import Placement
-from .policy import Decision, decide, saved_nbytes
+from .policy import Decision, classify, saved_nbytes
 from .prefetch import Prefetcher
 from .stats import StatsCollector
 from .transfers import Transfers
-from .views import StorageToken, ViewSpec, rebuild, storage_key, version_witness
+from .views import StorageToken, ViewSpec, rebuild, version_witness
 
 
 def modified_error(what: str) -> RuntimeError:
@@ -167,17 +167,15 @@ class SavedTensorHooks:
             return tensor
         self.cache.releases.drain()
         scope = self.position.scope
-        decision = decide(tensor, self.param_keys, self.config.min_offload_bytes, in_backward())
+        decision, key, nbytes = classify(tensor, self.param_keys, self.config.min_offload_bytes, in_backward())
         if decision is Decision.OFFLOAD and (scope is None or self.transfers.closed):
             decision = Decision.NO_SCOPE if scope is None else Decision.CLOSED
         if decision is not Decision.OFFLOAD:
-            self.stats.kept(decision.value, saved_nbytes(tensor))
+            self.stats.kept(decision.value, nbytes or saved_nbytes(tensor))
             return keep(tensor)
         # A forward after a backward in the same scope (gradient accumulation inside one
         # step()): the backward's prefetch state must not make the new writes stay in memory.
         self.prefetcher.forward_resumed(scope.key)
-        key = storage_key(tensor)
-        nbytes = tensor.untyped_storage().nbytes()
         self.position.saved(scope, nbytes)
         entry = self.cache.lookup(key, tensor, scope.key)
         if entry is not None:

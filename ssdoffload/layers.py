@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import weakref
 from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence
 
 import torch
@@ -48,11 +49,19 @@ def find_layers(model: Optional[torch.nn.Module]) -> List[torch.nn.Module]:
 _STATEFUL_KWARGS = ("past_key_value", "past_key_values", "layer_past", "cache_params")
 
 
+_batch_norms: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
 def updates_buffers(module: torch.nn.Module) -> Optional[str]:
     """Why running ``module``'s forward twice would change the model (None: it would not):
-    batch norms in training mode update their running statistics on every forward."""
-    for name, m in module.named_modules():
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats:
+    batch norms in training mode update their running statistics on every forward. (The
+    batch norms of a module are looked up once; their mode is read at every call.)"""
+    norms = _batch_norms.get(module)
+    if norms is None:
+        norms = _batch_norms[module] = [(name, m) for name, m in module.named_modules()
+                                        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    for name, m in norms:
+        if m.training and m.track_running_stats:
             return (f"{name or type(module).__name__} ({type(m).__name__}) updates its running statistics "
                     "in every training forward: a recomputation would update them twice")
     return None
@@ -104,8 +113,10 @@ class LayerTracker:
         if self.position.scope is not None and not in_backward():
             # A layer that updates outside state (a KV cache) cannot be recomputed: it reports
             # no input bytes, so the plan never chooses to.
-            recomputable = stateful_call(kwargs, module) is None
-            self.position.enter_layer(self._index[id(module)], _input_bytes(args) if recomputable else 0)
+            input_bytes = 0
+            if self.position.profiler is not None and stateful_call(kwargs, module) is None:
+                input_bytes = _input_bytes(args)  # only the plan uses it
+            self.position.enter_layer(self._index[id(module)], input_bytes)
 
     def _post_hook(self, module: torch.nn.Module, args, output) -> None:
         if torch.compiler.is_compiling() or self.position.scope is None or in_backward():

@@ -19,7 +19,7 @@ Never offload what offloading cannot free or must not touch:
 from __future__ import annotations
 
 import enum
-from typing import Iterable, Set, Tuple
+from typing import Iterable, Optional, Set, Tuple
 
 import torch
 
@@ -51,12 +51,31 @@ def parameter_storages(modules: Iterable[torch.nn.Module]) -> Set[Tuple[str, int
     return keys
 
 
+def module_storages(modules: Iterable[torch.nn.Module]) -> Set[Tuple[int, int]]:
+    """``parameter_storages`` over an already flattened list of modules (each module's own
+    parameters and buffers; no recursion): what the offloader refreshes at every scope."""
+    keys = set()
+    for m in modules:
+        for table in (m._parameters, m._buffers):
+            for t in table.values():
+                if t is not None:
+                    key = storage_key(t)
+                    if key is not None and key[1] != 0:
+                        keys.add(key)
+    return keys
+
+
 def is_parameter_like(tensor: torch.Tensor) -> bool:
     """An ``nn.Parameter``, a leaf that requires grad, or a view of either."""
     base = tensor._base
     if base is not None:
         tensor = base
-    return isinstance(tensor, torch.nn.Parameter) or (tensor.requires_grad and tensor.grad_fn is None)
+    if tensor.requires_grad and tensor.grad_fn is None:
+        return True
+    # A plain tensor is a Parameter only when marked so (Parameter's isinstance is slow).
+    if type(tensor) is torch.Tensor:
+        return bool(getattr(tensor, "_is_param", False))
+    return isinstance(tensor, torch.nn.Parameter)
 
 
 def saved_nbytes(tensor: torch.Tensor) -> int:
@@ -78,21 +97,30 @@ def is_autocast_parameter_copy(tensor: torch.Tensor) -> bool:
     return any(nxt is not None and type(nxt).__name__ == "AccumulateGrad" for nxt, _ in fn.next_functions)
 
 
-def decide(tensor: torch.Tensor, param_keys: Set[Tuple[str, int]], min_offload_bytes: int,
-           in_backward: bool) -> Decision:
-    """Whether ``tensor`` (just saved by autograd) should be offloaded, and if not, why."""
+def classify(tensor: torch.Tensor, param_keys: Set[Tuple[int, int]], min_offload_bytes: int,
+             in_backward: bool) -> Tuple[Decision, Optional[Tuple[int, int]], int]:
+    """``decide``, with the storage key and storage bytes it looked at (the pack hook needs
+    them next: computed once). Key and bytes are None and 0 where the decision came first."""
     if in_backward:
-        return Decision.IN_BACKWARD
+        return Decision.IN_BACKWARD, None, 0
     if (type(tensor) is not torch.Tensor and not isinstance(tensor, torch.nn.Parameter)) \
             or tensor.layout != torch.strided or tensor.device.type not in ("cpu", "cuda") \
             or tensor.is_nested:
-        return Decision.UNSUPPORTED
+        return Decision.UNSUPPORTED, None, 0
     if is_parameter_like(tensor):
-        return Decision.PARAMETER
-    if param_keys and storage_key(tensor) in param_keys:
-        return Decision.PARAMETER
+        return Decision.PARAMETER, None, 0
+    key = storage_key(tensor)
+    if param_keys and key in param_keys:
+        return Decision.PARAMETER, key, 0
     if is_autocast_parameter_copy(tensor):
-        return Decision.AUTOCAST_PARAMETER_COPY
-    if storage_nbytes(tensor) < max(min_offload_bytes, 1):
-        return Decision.TOO_SMALL
-    return Decision.OFFLOAD
+        return Decision.AUTOCAST_PARAMETER_COPY, key, 0
+    nbytes = storage_nbytes(tensor)
+    if nbytes < max(min_offload_bytes, 1):
+        return Decision.TOO_SMALL, key, nbytes
+    return Decision.OFFLOAD, key, nbytes
+
+
+def decide(tensor: torch.Tensor, param_keys: Set[Tuple[int, int]], min_offload_bytes: int,
+           in_backward: bool) -> Decision:
+    """Whether ``tensor`` (just saved by autograd) should be offloaded, and if not, why."""
+    return classify(tensor, param_keys, min_offload_bytes, in_backward)[0]

@@ -109,6 +109,7 @@ class StatsCollector:
     total: OffloadStats = field(default_factory=OffloadStats)
     last_step: OffloadStats = field(default_factory=OffloadStats)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _kept: dict = field(default_factory=dict, repr=False)  # (reason, plan) -> [tensors, bytes]
 
     def add(self, **deltas) -> None:
         with self._lock:
@@ -117,16 +118,29 @@ class StatsCollector:
                 setattr(self.total, name, getattr(self.total, name) + value)
 
     def kept(self, reason: str, nbytes: int, plan: bool = False) -> None:
-        """A saved tensor of ``nbytes`` stayed in memory because of ``reason``."""
+        """A saved tensor of ``nbytes`` stayed in memory because of ``reason`` (the pack hook
+        calls this for most tensors: it only counts here, folded into the records when they
+        are read or the step ends)."""
         with self._lock:
+            slot = self._kept.get((reason, plan))
+            if slot is None:
+                self._kept[(reason, plan)] = [1, nbytes]
+            else:
+                slot[0] += 1
+                slot[1] += nbytes
+
+    def _fold_kept(self) -> None:
+        """(Under the lock.) Move the kept counts into the step and cumulative records."""
+        for (reason, plan), (n, nbytes) in self._kept.items():
             for s in (self.step, self.total):
-                s.tensors_kept += 1
+                s.tensors_kept += n
                 s.bytes_kept += nbytes
                 if plan:
                     s.plan_kept_bytes += nbytes
                 slot = s.kept_by_reason.setdefault(reason, [0, 0])
-                slot[0] += 1
+                slot[0] += n
                 slot[1] += nbytes
+        self._kept.clear()
 
     def resident_now(self) -> int:
         """Offloadable activation bytes held in memory now (no lock: one int read)."""
@@ -156,6 +170,7 @@ class StatsCollector:
     def end_step(self) -> OffloadStats:
         """Close the current step's record and start a new one."""
         with self._lock:
+            self._fold_kept()
             self.step.steps = 1
             self.total.steps += 1
             done = self.step
@@ -169,6 +184,7 @@ class StatsCollector:
 
     def snapshot(self, which: str = "total") -> OffloadStats:
         with self._lock:
+            self._fold_kept()
             return _copy(getattr(self, which))
 
 

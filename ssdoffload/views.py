@@ -56,25 +56,27 @@ def storage_nbytes(tensor: torch.Tensor) -> int:
     return tensor.untyped_storage().nbytes()
 
 
-def storage_key(t: torch.Tensor) -> Optional[Tuple[str, int]]:
-    """A hashable key for the storage of ``tensor``: (device, address); None for anything but
-    a plain strided tensor. The one rule for "the same storage" (the offloader, the planner's
-    measurement and the benchmark's meter use it). Only meaningful together with
-    ``StorageToken.matches``: the address may be reused.
+def storage_key(t: torch.Tensor) -> Optional[Tuple[int, int]]:
+    """A hashable key for the storage of ``tensor``: (device index, address), the device index
+    being ``Tensor.get_device()`` (-1 for CPU); None for anything but a plain strided tensor.
+    The one rule for "the same storage" (the offloader, the planner's measurement and the
+    benchmark's meter use it). Only meaningful together with ``StorageToken.matches``: the
+    address may be reused.
 
     Tensor subclasses (FSDP2's ``DTensor`` shards) are looked through to their local tensor
     where they have one; the address of a subclass's own storage is meaningless (torch raises
     "Attempted to access the data pointer on an invalid python storage").
     """
-    local = getattr(t, "_local_tensor", None)
-    if local is not None and type(t) is not torch.Tensor:
-        t = local
-    if not isinstance(t, torch.Tensor) or (type(t) is not torch.Tensor and not isinstance(t, torch.nn.Parameter)):
-        return None
-    if t.layout != torch.strided or t.device.type == "meta" or t.is_nested:
+    if type(t) is not torch.Tensor:  # the common case (a plain tensor) skips all of this
+        local = getattr(t, "_local_tensor", None)
+        if local is not None:
+            t = local
+        if not isinstance(t, torch.Tensor) or (type(t) is not torch.Tensor and not isinstance(t, torch.nn.Parameter)):
+            return None
+    if t.layout != torch.strided or t.is_meta or t.is_nested:
         return None
     try:
-        return (str(t.device), t.untyped_storage().data_ptr())
+        return (t.get_device(), t.untyped_storage().data_ptr())
     except (RuntimeError, NotImplementedError):
         return None
 

@@ -8,6 +8,7 @@ from ssdoffload.allocator import ALIGNMENT, ExtentAllocator
 from ssdoffload.cache import Entry, OffloadCache, State
 from ssdoffload.stats import StatsCollector
 from ssdoffload.errors import StateError
+from ssdoffload.views import storage_key
 
 
 def test_aligned_extents_and_reuse():
@@ -98,7 +99,7 @@ def test_dedup_index_never_matches_a_dead_storage():
     """The allocator may hand a dead tensor's address to a new one: the token must tell."""
     cache = _cache()
     t = torch.randn(1024)
-    key = ("cpu", t.untyped_storage().data_ptr())
+    key = storage_key(t)
     from ssdoffload.views import StorageToken
     e = _entry()
     e.token = StorageToken(t)
@@ -109,4 +110,4 @@ def test_dedup_index_never_matches_a_dead_storage():
     assert cache.lookup(key, t, "s") is None
     del t
     u = torch.randn(1024)  # may or may not reuse the address; either way no false match
-    assert cache.lookup(("cpu", u.untyped_storage().data_ptr()), u, "s") is None
+    assert cache.lookup(storage_key(u), u, "s") is None

@@ -240,3 +240,19 @@ def test_budget_frontier_cli(tmp_path):
         assert row["feasible"]
         assert row["memory_bytes"] <= row["budget_bytes"] or row["budget_overruns"] > 0
     assert (out / "frontier.png").exists()
+
+
+def test_overhead_cli(tmp_path):
+    """``bench --overhead`` measures the four set-ups and the per-tensor cost; the offloaded
+    set-up really offloads every tensor, the kept one none."""
+    from ssdoffload.__main__ import main
+
+    assert main(["bench", "--overhead", "-o", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "overhead.json").read_text())
+    runs = result["results"]
+    assert set(runs) == {"plain", "trivial hooks", "ssdoffload, all kept", "ssdoffload, all offloaded"}
+    assert result["saved_tensors_per_step"] >= 4 * result["layers"]
+    offloaded = runs["ssdoffload, all offloaded"]["tensors_offloaded_per_step"]
+    # Everything but each Linear's weight (a parameter) and tensors sharing a storage (dedup).
+    assert result["saved_tensors_per_step"] - 2 * result["layers"] <= offloaded < result["saved_tensors_per_step"]
+    assert runs["ssdoffload, all kept"]["tensors_offloaded_per_step"] == 0

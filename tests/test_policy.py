@@ -380,7 +380,7 @@ def test_parameter_storages_are_every_parameter_and_buffer_storage():
     keys = parameter_storages([model])
     tensors = list(model.parameters()) + list(model.buffers())
     assert len(tensors) == 2 + 5 + 2   # BatchNorm: weight, bias, running_mean, running_var, num_batches_tracked
-    assert keys == {("cpu", t.untyped_storage().data_ptr()) for t in tensors}
+    assert keys == {storage_key(t) for t in tensors}
     assert keys == {storage_key(t) for t in tensors}
     assert len(keys) == len(tensors)
 
