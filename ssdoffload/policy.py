@@ -23,7 +23,7 @@ from typing import Iterable, Optional, Set, Tuple
 
 import torch
 
-from .views import storage_key, storage_nbytes
+from .views import storage_key
 
 
 class Decision(enum.Enum):
@@ -103,18 +103,23 @@ def classify(tensor: torch.Tensor, param_keys: Set[Tuple[int, int]], min_offload
     them next: computed once). Key and bytes are None and 0 where the decision came first."""
     if in_backward:
         return Decision.IN_BACKWARD, None, 0
-    if (type(tensor) is not torch.Tensor and not isinstance(tensor, torch.nn.Parameter)) \
-            or tensor.layout != torch.strided or tensor.device.type not in ("cpu", "cuda") \
-            or tensor.is_nested:
-        return Decision.UNSUPPORTED, None, 0
-    if is_parameter_like(tensor):
-        return Decision.PARAMETER, None, 0
-    key = storage_key(tensor)
+    if type(tensor) is torch.Tensor:  # the common case: plain tensor, key computed inline
+        if tensor.layout != torch.strided or not (tensor.is_cpu or tensor.is_cuda) or tensor.is_nested:
+            return Decision.UNSUPPORTED, None, 0
+        if is_parameter_like(tensor):
+            return Decision.PARAMETER, None, 0
+        storage = tensor.untyped_storage()
+        key = (tensor.get_device(), storage.data_ptr())  # = views.storage_key(tensor)
+    else:
+        if not isinstance(tensor, torch.nn.Parameter) or tensor.layout != torch.strided \
+                or tensor.device.type not in ("cpu", "cuda") or tensor.is_nested:
+            return Decision.UNSUPPORTED, None, 0
+        return Decision.PARAMETER, None, 0  # a Parameter (is_parameter_like)
     if param_keys and key in param_keys:
         return Decision.PARAMETER, key, 0
     if is_autocast_parameter_copy(tensor):
         return Decision.AUTOCAST_PARAMETER_COPY, key, 0
-    nbytes = storage_nbytes(tensor)
+    nbytes = storage.nbytes()
     if nbytes < max(min_offload_bytes, 1):
         return Decision.TOO_SMALL, key, nbytes
     return Decision.OFFLOAD, key, nbytes

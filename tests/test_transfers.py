@@ -82,6 +82,8 @@ def test_round_trip_through_every_state(parts):
     del t
     storage = parts.transfers.materialize(e)  # not prefetched: read on demand
     assert e.state is State.LOADED and parts.step("bytes_read") == e.nbytes
+    # Read straight into a page-aligned buffer (O_DIRECT, no bounce), exactly the entry's size.
+    assert storage.data_ptr() % 4096 == 0 and storage.nbytes() == e.nbytes
     assert torch.equal(torch.empty(0).set_(storage, 0, expected.shape, expected.stride()), expected)
     assert parts.drive.store.used > 0
     del handle, storage
