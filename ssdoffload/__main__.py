@@ -244,6 +244,11 @@ def _probe(args: argparse.Namespace) -> int:
           f"{result.read_bytes_per_s / 1e9:.2f} GB/s ({result.nbytes / 2**20:.0f} MiB in "
           f"{result.block_bytes / 2**20:.0f} MiB requests, {result.threads} threads, "
           f"{'O_DIRECT' if result.direct else 'buffered: the filesystem refuses O_DIRECT'})")
+    print(f"{'':>{len(result.path)}}  raw pwrite/pread, same {result.chunk_bytes >> 20} MiB requests and "
+          f"{result.threads} threads: write {result.raw_write_bytes_per_s / 1e9:.2f} GB/s, read "
+          f"{result.raw_read_bytes_per_s / 1e9:.2f} GB/s -> the engine reaches "
+          f"{result.write_bytes_per_s / result.raw_write_bytes_per_s:.0%} / "
+          f"{result.read_bytes_per_s / result.raw_read_bytes_per_s:.0%} of it")
     if args.no_demand:
         return 0
     from .bench.demand import analytic_demand, measure_demand

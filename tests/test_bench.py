@@ -134,6 +134,9 @@ def test_probe_measures_and_cleans_up(tmp_path):
     target = tmp_path / "probe"
     result = probe.measure(str(target), nbytes=8 << 20, block_bytes=2 << 20, threads=2)
     assert result.write_bytes_per_s > 0 and result.read_bytes_per_s > 0
+    # The raw baseline moved the same bytes in the same requests (its own pass, same file).
+    assert result.raw_write_bytes_per_s > 0 and result.raw_read_bytes_per_s > 0
+    assert result.chunk_bytes == 4 << 20
     assert result.nbytes == 8 << 20
     assert not target.exists()  # the probe created it, so it removed it
 

@@ -45,6 +45,10 @@ class NativeEngine:
         """Non-blocking write of a piece of an extent; returns the engine's request."""
         return self.engine.write(extent.file.io_fd, address, nbytes, extent.offset + offset, extent.file.path)
 
+    def read_at(self, address: int, nbytes: int, extent: Extent, offset: int):
+        """Non-blocking read of a piece of an extent; returns the engine's request."""
+        return self.engine.read(extent.file.io_fd, address, nbytes, extent.offset + offset, extent.file.path)
+
     def close(self) -> None:
         self.engine.close()
 
