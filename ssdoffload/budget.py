@@ -160,56 +160,78 @@ def _finish(groups, machine, held, peak, ssd, ram, extra) -> Cost:
                 stall_seconds=stall, ssd_bytes=ssd, ram_bytes=ram)
 
 
+def _kept_input(g: BudgetGroup, choice: str) -> int:
+    """Bytes a recomputed layer's input stays in memory from its backward to the end of
+    backward (non-reentrant checkpointing holds the saved input in its frame until the graph
+    is freed; offloaded inputs are read back for the recomputation and held the same way)."""
+    return g.input_bytes if recomputes(choice) else 0
+
+
 def evaluate(groups: Sequence[BudgetGroup], choices: Sequence[str], machine: Machine) -> Cost:
-    """The model's step time and peak for ``choices`` (one per group, forward order)."""
+    """The model's step time and peak for ``choices`` (one per group, forward order).
+
+    Peak: the most of (what the groups hold through forward) and, for each group's backward,
+    what the groups below still hold + the group's working set + the inputs of the recomputed
+    layers above it (held until backward ends)."""
     if len(choices) != len(groups):
         raise ValueError(f"{len(choices)} choices for {len(groups)} groups")
-    held = peak = ssd = ram = 0
+    held = ssd = ram = rk = 0
     extra = 0.0
+    term = -1  # max over groups of (held below + work - recomputed inputs up to and with it)
     for g, c in zip(groups, choices):
         h, work, s, r, x = _effects(g, c)
-        peak = max(peak, held + work)
+        rk += _kept_input(g, c)
+        term = max(term, held + work - rk)
         held += h
         ssd += s
         ram += r
         extra += x
-    return _finish(groups, machine, held, peak, ssd, ram, extra)
+    return _finish(groups, machine, held, term + rk if groups else 0, ssd, ram, extra)
 
 
 def fits_host(cost: Cost, machine: Machine) -> bool:
     return cost.ram_bytes <= machine.host_bytes
 
 
-def solve(groups: Sequence[BudgetGroup], budget: int, machine: Machine, max_states: int = 4096) -> BudgetPlan:
+def solve(groups: Sequence[BudgetGroup], budget: int, machine: Machine, max_states: int = 2048) -> BudgetPlan:
     """The choices with the least predicted time whose predicted peak is at most ``budget``
     and whose RAM use fits ``machine.host_bytes`` (see the module docstring). With no feasible
     plan, the one with the lowest peak (``feasible=False``)."""
     n = len(groups)
-    # state: (held, SSD bytes, RAM bytes) -> (least extra seconds, choices as a linked tuple).
-    # The peak needs no dimension: each group's backward peak is checked when it is added
-    # (what is held below it is the state), and the final hold at the end.
-    states: Dict[Tuple[int, int, int], Tuple[float, Optional[tuple]]] = {(0, 0, 0): (0.0, None)}
+    # state: (held, SSD bytes, RAM bytes, recomputed inputs so far, max of the backward terms)
+    # -> (least extra seconds, choices as a linked tuple). A group's backward needs what is held
+    # below it, its working set, and the inputs of the recomputed layers above it (known only
+    # at the end): so the state keeps "held below + work - recomputed inputs up to here" and
+    # the final check adds all recomputed inputs (see ``evaluate``).
+    Key = Tuple[int, int, int, int, int]
+    states: Dict[Key, Tuple[float, Optional[tuple]]] = {(0, 0, 0, 0, -1): (0.0, None)}
     for g in groups:
-        options = [(c, _effects(g, c)) for c in allowed(g, machine)]
-        nxt: Dict[Tuple[int, int, int], Tuple[float, Optional[tuple]]] = {}
-        for (held, ssd, ram), (extra, trail) in states.items():
-            for c, (h, work, s, r, x) in options:
-                if held + work > budget or held + h > budget or ram + r > machine.host_bytes:
+        options = [(c, _effects(g, c), _kept_input(g, c)) for c in allowed(g, machine)]
+        nxt: Dict[Key, Tuple[float, Optional[tuple]]] = {}
+        for (held, ssd, ram, rk, term), (extra, trail) in states.items():
+            for c, (h, work, s, r, x), k in options:
+                rk2 = rk + k
+                term2 = max(term, held + work - rk2)
+                if term2 + rk2 > budget or held + h > budget or ram + r > machine.host_bytes:
                     continue  # over already: every later group only adds
-                key = (held + h, ssd + s, ram + r)
+                key = (held + h, ssd + s, ram + r, rk2, term2)
                 old = nxt.get(key)
                 if old is None or extra + x < old[0]:
                     nxt[key] = (extra + x, (c, trail))
         if not nxt:
             return _lowest_peak(groups, budget, machine)
         if len(nxt) > max_states:
+            # Dropping dominated states costs the square of their number: worth it only for
+            # a modest overflow; past that the exact search would not finish in time.
+            if len(nxt) > 2 * max_states:
+                return _solve_on_grid(groups, budget, machine)
             nxt = _pareto(nxt)
         if len(nxt) > max_states:  # too many to be exact in time: the grid solver
             return _solve_on_grid(groups, budget, machine)
         states = nxt
     best = None
-    for (held, ssd, ram), (extra, trail) in states.items():
-        cost = _finish(groups, machine, held, 0, ssd, ram, extra)
+    for (held, ssd, ram, rk, term), (extra, trail) in states.items():
+        cost = _finish(groups, machine, held, term + rk, ssd, ram, extra)
         if best is None or cost.seconds < best[0]:
             best = (cost.seconds, trail)
     assert best is not None
@@ -265,6 +287,10 @@ def _solve_on_grid(groups: Sequence[BudgetGroup], budget: int, machine: Machine,
 
     q = budget / cells
     options = [allowed(g, machine) for g in groups]
+    # The inputs of recomputed layers above a group are still held in its backward; the grid
+    # does not know which will be recomputed, so it reserves room for all of them (a plan
+    # found is then costed exactly by ``evaluate``).
+    reserve = int(math.ceil(sum(g.input_bytes for g in groups if g.recomputable) / q))
     eff = [[_effects(g, c) for c in opts] for g, opts in zip(groups, options)]
     held_c = [[int(math.ceil(e[0] / q)) for e in row] for row in eff]
     work_c = [[int(math.ceil(e[1] / q)) for e in row] for row in eff]
@@ -278,7 +304,7 @@ def _solve_on_grid(groups: Sequence[BudgetGroup], budget: int, machine: Machine,
             pick = np.full(cells + 1, -1, dtype=np.int8)
             for j, (h, work, s, r, x) in enumerate(row):
                 hc, wc = held_c[k][j], work_c[k][j]
-                top = cells - max(hc, wc)  # highest source cell this option keeps within budget
+                top = min(cells - hc, cells - wc - reserve)  # highest source cell within budget
                 if top < 0:
                     continue
                 cand = best[:top + 1] + (x + price * s + ram_price * r)
@@ -350,12 +376,13 @@ def _unroll(trail, n: int) -> Tuple[str, ...]:
 
 
 def _pareto(states):
-    """Drop every state another one beats or equals on held, SSD and RAM bytes and extra time
-    (exact: the cost only grows with each)."""
+    """Drop every state another one beats or equals on every byte count (held, SSD, RAM,
+    recomputed inputs, backward term) and on extra time (exact: the cost and the budget check
+    only grow with each)."""
     items = sorted(states.items(), key=lambda kv: (kv[1][0], kv[0]))
     kept: list = []
     for key, val in items:
-        if not any(k[0] <= key[0] and k[1] <= key[1] and k[2] <= key[2] for k, _ in kept):
+        if not any(all(a <= b for a, b in zip(k, key)) for k, _ in kept):
             kept.append((key, val))
     return dict(kept)
 
