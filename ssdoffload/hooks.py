@@ -26,7 +26,7 @@ from typing import Any, Set, Tuple
 
 import torch
 
-from .cache import Entry, Handle, OffloadCache
+from .cache import Entry, Handle, OffloadCache, State
 from .config import OffloadConfig
 from .errors import OffloadError
 from .forward_position import ForwardPosition
@@ -224,6 +224,11 @@ class SavedTensorHooks:
         nbytes = self.placement.recompute_bytes(group)
         if nbytes and packed not in self._recomputing:
             self._recomputing.add(packed)
+            budget = self.placement.memory_budget
+            if budget is not None:
+                # Backward can start while forward's last writes are in flight: the
+                # recomputation waits for them as forward would (back-pressure).
+                self.transfers.make_room(nbytes, budget)
             span = _Transient(self.stats, group, nbytes)
             self._recompute_open[scope] = span
             self.cache.releases.watch(packed, _Transient.close, span)
@@ -253,6 +258,9 @@ class SavedTensorHooks:
             raise modified_error(entry.describe())
         self.prefetcher.backward_reached(entry.scope, entry.group)
         self._count_recompute(packed, entry.scope, entry.group)
+        budget = self.placement.memory_budget
+        if budget is not None and entry.state is State.ON_DISK:
+            self.transfers.make_room(entry.nbytes, budget)  # a read now: writes in flight first
         storage = self.transfers.materialize(entry)
         budget = self.placement.memory_budget
         if budget is not None and self.stats.resident_now() > budget:
