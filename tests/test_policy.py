@@ -463,3 +463,16 @@ def test_an_empty_parameter_does_not_make_empty_activations_parameters():
     assert keys == {storage_key(module.w)}
     activation = torch.randn(4)[:0] * 2
     assert decide(activation, keys, 1, False) is Decision.TOO_SMALL
+
+
+def test_classify_uses_the_one_storage_key_rule():
+    """The pack hook's fast path computes the storage key inline (it runs for every saved
+    tensor); it must be exactly ``views.storage_key`` — the key the cache, the kept-bytes
+    counter and the parameter set are built with."""
+    from ssdoffload.policy import classify
+
+    base = torch.randn(64, 64)
+    for t in (base, base.t(), base[3:], base.detach(), torch.randn(2, 3, 4).permute(2, 0, 1),
+              torch.empty(0), torch.randn(5, dtype=torch.float64)[1:]):
+        decision, key, _ = classify(t, {("never", 0)}, 0, False)
+        assert key == storage_key(t), t.shape
