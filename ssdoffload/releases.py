@@ -10,12 +10,35 @@ So nothing of ours runs at that moment: each watched object has a weak reference
 is ``deque.append`` — a C function, no Python frame, no lock of ours, no signal check — and the
 library drains the queue at its own safe points (every pack and unpack, the end of a step,
 ``wait()``, ``close()``...), where the release takes its locks like any other code.
+
+One object may be watched more than once (a kept tensor's bytes and the recomputation its
+unpack opened; a handle's entry and the same recomputation): every release runs. The watch
+references are therefore compared by identity, never by referent — ``weakref.ref`` hashes and
+compares equal by its referent, so two watches of one object in a plain dict or set would be
+one key, and the first release would be silently replaced by the second.
 """
 from __future__ import annotations
 
 import collections
 import weakref
-from typing import Any, Callable, Dict, Tuple
+from typing import Any, Callable, Set
+
+
+class _Watch(weakref.ref):
+    """A weak reference that carries its release, hashed and compared by its own identity."""
+
+    __slots__ = ("release", "arg")
+    __hash__ = object.__hash__
+    __eq__ = object.__eq__
+
+    def __new__(cls, obj: Any, callback: Callable[[Any], None], release: Callable[[Any], None],
+                arg: Any) -> "_Watch":
+        ref = super().__new__(cls, obj, callback)
+        ref.release, ref.arg = release, arg
+        return ref
+
+    def __init__(self, obj: Any, callback: Callable[[Any], None], *_: Any) -> None:
+        super().__init__(obj, callback)
 
 
 class ReleaseQueue:
@@ -23,13 +46,13 @@ class ReleaseQueue:
 
     def __init__(self) -> None:
         self._dead: collections.deque = collections.deque()
-        # weakref -> (release function, its argument); the weakrefs must outlive their
-        # referents, or their callbacks would not run.
-        self._watched: Dict[weakref.ref, Tuple[Callable[[Any], None], Any]] = {}
+        # The watches themselves must outlive their referents, or their callbacks would not run.
+        self._watched: Set[_Watch] = set()
 
     def watch(self, obj: Any, release: Callable[[Any], None], arg: Any) -> None:
-        """Call ``release(arg)`` at the first ``drain()`` after ``obj`` died."""
-        self._watched[weakref.ref(obj, self._dead.append)] = (release, arg)
+        """Call ``release(arg)`` at the first ``drain()`` after ``obj`` died (once per watch:
+        watching one object twice runs both releases)."""
+        self._watched.add(_Watch(obj, self._dead.append, release, arg))
 
     def drain(self) -> int:
         """Run the releases of every watched object that died so far (any thread); returns
@@ -41,8 +64,8 @@ class ReleaseQueue:
                 ref = dead.popleft()
             except IndexError:  # another thread took the last one
                 break
-            release, arg = self._watched.pop(ref)
-            release(arg)
+            self._watched.remove(ref)
+            ref.release(ref.arg)
             ran += 1
         return ran
 

@@ -92,6 +92,28 @@ def test_dead_handles_are_released_at_the_next_safe_point(tmp_path):
     assert os.listdir(tmp_path / "spill") == []
 
 
+
+def test_an_object_watched_twice_runs_both_releases():
+    """A recomputed layer's input is watched for its bytes (a kept tensor) or its entry (a
+    handle) and again for the recomputation its unpack opened. ``weakref.ref`` compares by its
+    referent: keyed in a dict, the second watch replaced the first, whose release never ran —
+    the entries of every recomputed layer's input leaked, step after step."""
+    from ssdoffload.releases import ReleaseQueue
+
+    class Obj:
+        pass
+
+    queue, ran = ReleaseQueue(), []
+    obj, other = Obj(), Obj()
+    queue.watch(obj, ran.append, "bytes")
+    queue.watch(obj, ran.append, "recomputation")
+    queue.watch(other, ran.append, "other")
+    assert len(queue) == 3
+    del obj
+    assert queue.drain() == 2 and sorted(ran) == ["bytes", "recomputation"]
+    del other
+    assert queue.drain() == 1 and len(queue) == 0
+
 _INTERRUPTED_TRAINING = r"""
 import json, os, sys
 sys.path.insert(0, {tests!r})

@@ -220,14 +220,45 @@ def test_hf_trainer_in_budget_mode(tmp_path, use_cache):
 
     plain, offloaded = _llama(), _llama()
     plain.config.use_cache = offloaded.config.use_cache = use_cache
-    _hf_train(plain, tmp_path, [])
-    # 800 kB: below keeping everything, above one layer's working set (with use_cache=False
-    # the plan recomputes layers: checked by hand with the "recomputing layers" debug log).
+    _hf_train(plain, tmp_path, [], max_steps=4)
+    # 800 kB: below keeping everything, above one layer's working set.
     cb = SSDOffloadCallback(path=str(tmp_path / "act"), min_offload_bytes=4096, memory_budget=800_000)
-    _hf_train(offloaded, tmp_path, [cb])
+    _hf_train(offloaded, tmp_path, [cb], max_steps=4)
     _same_weights(plain, offloaded)
     assert cb.stats.tensors_offloaded > 0 and cb.stats.replans >= 1
-    # Over the budget only where counted (here backward of recomputed layers still runs over:
-    # a known gap, see the closing note of this session).
-    assert cb.stats.peak_resident_bytes <= 800_000 or cb.stats.budget_overruns > 0
+    # The budget is met through the Trainer's loop too (it was not while recomputed layers'
+    # inputs leaked from step to step: releases.py, a double watch).
+    assert cb.stats.peak_resident_bytes <= 800_000 and cb.stats.budget_overruns == 0
+    _no_spill_files(str(tmp_path / "act"))
+
+
+def test_hf_trainer_recompute_plan_releases_each_steps_inputs(tmp_path):
+    """A plan that recomputes layers, one with its input on the SSD, pinned through the Trainer
+    (gradient accumulation: two forwards per optimizer step): each micro-batch's inputs and
+    entries are released once its graph is gone, so nothing is resident between steps and the
+    budget holds; weights bit-identical."""
+    from transformers import TrainerCallback
+
+    from ssdoffload.integrations.huggingface import SSDOffloadCallback
+
+    plain, offloaded = _llama(), _llama()
+    plain.config.use_cache = offloaded.config.use_cache = False
+    _hf_train(plain, tmp_path, [], max_steps=4)
+    cb = SSDOffloadCallback(path=str(tmp_path / "act"), min_offload_bytes=4096, memory_budget=800_000)
+    plan = ["device", "recompute", "device", "recompute+ssd", "device", "ssd", "device"]
+    seen = {"resident": [], "recomputed": []}
+
+    class Pin(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            off = cb.offloader
+            seen["resident"].append(off.last_step_stats().resident_bytes)
+            if state.global_step == 1:  # after a measured step
+                off.set_plan(plan)
+                seen["recomputed"] = sorted(off.recomputed.indices)
+
+    _hf_train(offloaded, tmp_path, [cb, Pin()], max_steps=4)
+    _same_weights(plain, offloaded)
+    assert seen["recomputed"] == [0, 1]
+    assert seen["resident"] == [0, 0, 0, 0]
+    assert cb.stats.peak_resident_bytes <= 800_000 and cb.stats.budget_overruns == 0
     _no_spill_files(str(tmp_path / "act"))
