@@ -420,6 +420,9 @@ class BudgetPolicy(AdaptivePolicy):
     solve_every: int = 8
     solve_every_groups: int = 64
     _steps: int = 0
+    #: No group's saved bytes changed between measured steps (fixed shapes): keeping
+    #: everything may use the whole budget.
+    _steady: bool = True
 
     def placement(self, group: int) -> str:
         plan = self.plan
@@ -435,6 +438,8 @@ class BudgetPolicy(AdaptivePolicy):
         plan = self.plan
         if plan is not None and group < len(plan.placement) and recomputes(plan.placement[group]):
             return old.nbytes
+        if new.nbytes != old.nbytes:
+            self._steady = False
         return new.nbytes
 
     def budget_groups(self) -> List[BudgetGroup]:
@@ -450,11 +455,17 @@ class BudgetPolicy(AdaptivePolicy):
 
     def candidate(self) -> Plan:
         groups = self.budget_groups()
-        # Plan within (1 - headroom) of the budget: measured sizes move a little from step to
-        # step, and the runtime holds whole tensors where the model holds whole groups.
         machine = self.machine()
-        # Keeping everything gets the same headroom: at a budget equal to keep's own peak it
-        # would run over on any step whose tensors come out a little larger.
+        keep = tuple(DEVICE for _ in groups)
+        kept = evaluate(groups, keep, machine)
+        if self._steady and kept.peak_bytes <= self.memory_budget:
+            # Keeping everything has no granularity gap (its peak is the sum of what was
+            # measured) and no I/O to fall behind: with sizes that did not move between steps
+            # it may use the whole budget (at a budget equal to keep's own peak, keep).
+            return self._as_plan(groups, BudgetPlan(choices=keep, cost=kept, budget=self.memory_budget,
+                                                    exact=True, feasible=True))
+        # Otherwise plan within (1 - headroom) of the budget: measured sizes may move from step
+        # to step, and the runtime holds whole tensors where the model holds whole groups.
         solved = solve(groups, int(self.memory_budget * (1 - self.headroom)), machine)
         return self._as_plan(groups, solved)
 

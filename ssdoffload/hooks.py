@@ -183,8 +183,10 @@ class SavedTensorHooks:
             return self.transfers.new_handle(entry, tensor)
         budget = self.placement.memory_budget
         if self._kept.holds(key):
-            # A kept tensor already holds this storage in memory: writing it would free nothing.
+            # A kept tensor already holds this storage in memory: writing it would free
+            # nothing, and keeping it again adds nothing (so the budget is not asked).
             place = self.placement.places.device
+            budget = None
         else:
             place = self.placement.place_for(scope.group)
             profiler = self.position.profiler

@@ -237,11 +237,18 @@ def test_budget_frontier_cli(tmp_path):
     assert fixed["recompute"]["memory_bytes"] < fixed["keep"]["memory_bytes"]
     assert fixed["ssd"]["memory_bytes"] < fixed["keep"]["memory_bytes"]
     rows = result["budgets"]
-    assert [r["fraction"] for r in rows] == [1.0, 0.3, 0.01]
+    # The fractions asked for, and one at exactly full recomputation's memory.
+    at_recompute = fixed["recompute"]["memory_bytes"] / fixed["keep"]["memory_bytes"]
+    assert [r["fraction"] for r in rows] == sorted([1.0, 0.3, 0.01, at_recompute], reverse=True)
+    assert [r["at_recompute_peak"] for r in rows] == [r["fraction"] == at_recompute for r in rows]
     assert not rows[-1]["feasible"]  # 1% of keep: the largest group alone is bigger
     for row in rows[:-1]:
         assert row["feasible"]
-        assert row["memory_bytes"] <= row["budget_bytes"] or row["budget_overruns"] > 0
+        assert row["memory_bytes"] <= row["budget_bytes"] and row["budget_overruns"] == 0
+    checks = result["checks"]
+    assert [c["vs_recompute"] is not None for c in checks] == [r["at_recompute_peak"] for r in rows]
+    # At a budget equal to keep's own memory with fixed shapes, budget mode keeps everything.
+    assert rows[0]["plan"] == fixed["keep"]["plan"] and checks[0]["same_plan_as"] == "keep"
     assert (out / "frontier.png").exists()
 
 

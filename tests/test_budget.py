@@ -210,6 +210,23 @@ def test_a_slow_drive_makes_forward_wait_instead_of_running_over(tmp_path):
     assert stats.backpressure_seconds > 0 and stats.bytes_written >= total - budget
 
 
+def test_a_budget_equal_to_keeps_own_peak_keeps_everything_without_overruns(tmp_path):
+    """At exactly the memory keeping everything measured, budget mode keeps everything (fixed
+    shapes: no headroom needed) and never diverts: the GPT's logits storage is saved twice in
+    its last group, and the second save adds no memory, so it must not ask the (full) budget."""
+    n = 2 * TINY.layers + 1
+    keep = train(_budget_config(tmp_path, 1 << 40), steps=3,
+                 before_step=lambda off, step: step == 1 and off.set_plan([DEVICE] * n))[2]
+    reference = train(None, steps=5)
+    plans = []
+    got = train(_budget_config(tmp_path, keep.peak_resident_bytes), steps=5,
+                after_step=lambda off, step: plans.append(off.plan()))
+    assert_bit_identical(reference, got)
+    assert plans[-1].placement == (DEVICE,) * n
+    stats = got[2]
+    assert stats.peak_resident_bytes == keep.peak_resident_bytes
+    assert stats.budget_overruns == 0 and stats.budget_diversions == 0
+
 def test_a_kept_plan_over_the_budget_is_diverted_to_the_drive(tmp_path):
     """A pinned plan that keeps everything cannot fit: once the budget is full, what the plan
     keeps goes to the SSD instead (each over the budget while it is written), so forward ends
@@ -419,3 +436,29 @@ def test_the_deepspeed_block_turns_budget_mode_on():
     assert config.policy == "budget" and config.memory_budget == 8_000_000_000
     with pytest.raises(ValueError, match="memory_budget"):
         ssdoffload.OffloadConfig.from_dict({"path": "/tmp/unused", "memory_budget": "lots"})
+
+
+def test_keeping_everything_gets_headroom_when_sizes_move_between_steps():
+    """The whole budget goes to keeping everything only while the measured sizes are steady;
+    once a group's saved bytes changed between steps (variable sequence lengths), the next
+    step may be larger, so the plan keeps the headroom."""
+    from ssdoffload.adaptive import GroupTiming, StepObservation
+    from ssdoffload.budget import BudgetPolicy
+
+    def observation(scale: float) -> StepObservation:
+        groups = tuple(GroupTiming(nbytes=int(scale * 4 * MB), forward_seconds=0.01, backward_seconds=0.02,
+                                   name=f"g{i}", input_bytes=MB if i % 2 else 0) for i in range(5))
+        return StepObservation(groups=groups, write_bps=2e9, read_bps=2e9, stall_seconds=0.0,
+                               compute_seconds=0.15)
+
+    steady = BudgetPolicy(depth=1, memory_budget=20 * MB)  # exactly 5 x 4 MiB
+    for _ in range(3):
+        steady.observe(observation(1.0))
+    assert steady.plan.placement == (DEVICE,) * 5
+
+    moving = BudgetPolicy(depth=1, memory_budget=20 * MB)
+    for scale in (0.9, 1.0, 1.0):
+        moving.observe(observation(scale))
+    candidate = moving.candidate()
+    assert candidate.placement != (DEVICE,) * 5
+    assert candidate.prediction.peak_device_bytes <= 0.95 * 20 * MB
