@@ -363,7 +363,9 @@ class StepObservation:
     """What one finished step measured (see ``profiling.StepProfiler``).
 
     Bandwidths are bytes per second while a transfer was in flight (``None``: nothing moved);
-    ``stall_seconds`` is time backward waited on reads; ``compute_seconds`` forward+backward.
+    ``stall_seconds`` is time backward waited on reads; ``compute_seconds`` forward+backward;
+    ``in_flight``: the most micro-batches forwarded and not yet backwarded at once (a pipeline
+    stage holds several: each holds what one plan saves).
     """
 
     groups: Tuple[GroupTiming, ...]
@@ -371,6 +373,7 @@ class StepObservation:
     read_bps: Optional[float]
     stall_seconds: float
     compute_seconds: float
+    in_flight: int = 1
 
 
 @dataclass

@@ -36,6 +36,12 @@ more than ``max_states`` states survive a group (after dropping dominated ones).
 (long models: the states grow with the square of the layers), ``_solve_on_grid`` takes over:
 held bytes on a grid, rounded up (a plan found still meets the budget), the I/O priced into
 the objective, one vectorised pass per price; the result says ``exact=False``.
+
+**The policy** (``BudgetPolicy``) plans one micro-batch. Where several are in flight at once (a
+pipeline stage forwards its warm-up micro-batches before their backwards; the profiler counts
+the scopes forwarded and not yet backwarded), each holds what the plan saves, so the plan gets
+``memory_budget / in_flight`` (and the host-RAM tier is shared the same way). The runtime
+guarantee stays global: back-pressure compares every resident byte with the whole budget.
 """
 from __future__ import annotations
 
@@ -423,6 +429,14 @@ class BudgetPolicy(AdaptivePolicy):
     #: No group's saved bytes changed between measured steps (fixed shapes): keeping
     #: everything may use the whole budget.
     _steady: bool = True
+    #: Micro-batches in flight at once (measured: a pipeline stage's warm-up forwards); each
+    #: holds what the plan saves, so each gets ``memory_budget / in_flight``.
+    in_flight: int = 1
+
+    @property
+    def micro_batch_budget(self) -> int:
+        """The budget one micro-batch's plan must meet."""
+        return self.memory_budget // self.in_flight
 
     def placement(self, group: int) -> str:
         plan = self.plan
@@ -451,22 +465,25 @@ class BudgetPolicy(AdaptivePolicy):
 
     def machine(self) -> Machine:
         w, r = self.bandwidths()
-        return Machine(write_bps=w, read_bps=r, ram_bps=self.ram_bps, host_bytes=self.host_cache_bytes)
+        # The host-RAM tier, like the device budget, is shared by the micro-batches in flight.
+        return Machine(write_bps=w, read_bps=r, ram_bps=self.ram_bps,
+                       host_bytes=self.host_cache_bytes // self.in_flight)
 
     def candidate(self) -> Plan:
         groups = self.budget_groups()
         machine = self.machine()
         keep = tuple(DEVICE for _ in groups)
         kept = evaluate(groups, keep, machine)
-        if self._steady and kept.peak_bytes <= self.memory_budget:
+        budget = self.micro_batch_budget
+        if self._steady and kept.peak_bytes <= budget:
             # Keeping everything has no granularity gap (its peak is the sum of what was
             # measured) and no I/O to fall behind: with sizes that did not move between steps
             # it may use the whole budget (at a budget equal to keep's own peak, keep).
-            return self._as_plan(groups, BudgetPlan(choices=keep, cost=kept, budget=self.memory_budget,
+            return self._as_plan(groups, BudgetPlan(choices=keep, cost=kept, budget=budget,
                                                     exact=True, feasible=True))
         # Otherwise plan within (1 - headroom) of the budget: measured sizes may move from step
         # to step, and the runtime holds whole tensors where the model holds whole groups.
-        solved = solve(groups, int(self.memory_budget * (1 - self.headroom)), machine)
+        solved = solve(groups, int(budget * (1 - self.headroom)), machine)
         return self._as_plan(groups, solved)
 
     def _as_plan(self, groups: Sequence[BudgetGroup], solved: BudgetPlan) -> Plan:
@@ -476,6 +493,9 @@ class BudgetPolicy(AdaptivePolicy):
                                 peak_device_bytes=c.peak_bytes, ssd_bytes=c.ssd_bytes, ram_bytes=c.ram_bytes,
                                 written_bytes=c.ssd_bytes, read_bytes=c.ssd_bytes)
         note = "" if solved.feasible else " (no plan meets the budget: the lowest peak the model knows)"
+        if self.in_flight > 1:
+            note += (f" ({self.in_flight} micro-batches in flight: {self.micro_batch_budget / 2**20:.1f} MiB "
+                     "of the budget each)")
         return Plan(placement=solved.choices, prefetch_depth=self.depth, prediction=prediction, write_bps=w,
                     read_bps=r, names=tuple(g.name for g in groups),
                     group_bytes=tuple(g.saved_bytes for g in groups), reason=note,
@@ -492,8 +512,9 @@ class BudgetPolicy(AdaptivePolicy):
         if self._groups is not None and len(self._groups) == len(placement):
             groups = self.budget_groups()
             cost = evaluate(groups, placement, self.machine())
-            plan = self._as_plan(groups, BudgetPlan(choices=placement, cost=cost, budget=self.memory_budget,
-                                                    exact=True, feasible=cost.peak_bytes <= self.memory_budget))
+            budget = self.micro_batch_budget
+            plan = self._as_plan(groups, BudgetPlan(choices=placement, cost=cost, budget=budget,
+                                                    exact=True, feasible=cost.peak_bytes <= budget))
         else:
             plan = Plan(placement=placement, prefetch_depth=prefetch_depth,
                         prediction=Prediction(0.0, 0.0, 0, 0, 0, 0, 0), write_bps=math.nan, read_bps=math.nan)
@@ -513,11 +534,15 @@ class BudgetPolicy(AdaptivePolicy):
         elif not stalled:
             self._margin = min(self.safety, self._margin * 1.05)
         self._absorb(obs)
+        grew = obs.in_flight > self.in_flight
+        # More micro-batches in flight than planned for: re-plan now. Fewer (a step that
+        # ended early): keep the smaller share, the schedule will fill up again.
+        self.in_flight = max(self.in_flight, obs.in_flight)
         if self.pinned:
             return None
         current = self.plan
         long_model = len(obs.groups) > self.solve_every_groups
-        if current is not None and long_model and not stalled and self._steps % self.solve_every:
+        if current is not None and long_model and not stalled and not grew and self._steps % self.solve_every:
             return None
         cand = self.candidate()
         if current is None:
@@ -527,15 +552,16 @@ class BudgetPolicy(AdaptivePolicy):
         if cand.placement == current.placement:
             return None
         now = self.predict(current.placement)
-        if now.peak_bytes > self.memory_budget:
+        if now.peak_bytes > self.micro_batch_budget:
             return self._adopt(cand, f"the current plan would now peak at {now.peak_bytes / 2**20:.1f} MiB, "
-                                     f"over the budget of {self.memory_budget / 2**20:.1f} MiB" + cand.reason)
+                                     f"over the budget of {self.micro_batch_budget / 2**20:.1f} MiB per "
+                                     "micro-batch" + cand.reason)
         if stalled:
             return self._adopt(cand, f"backward stalled {obs.stall_seconds / obs.compute_seconds:.1%} of the "
-                                     f"step; planning with {self._margin:.0%} of the measured bandwidth")
+                                     f"step; planning with {self._margin:.0%} of the measured bandwidth" + cand.reason)
         predicted = cand.prediction.compute_seconds + cand.prediction.stall_seconds
         if predicted < (1 - self.gain) * now.seconds:
-            return self._adopt(cand, f"predicted {predicted:.3f} s a step instead of {now.seconds:.3f} s")
+            return self._adopt(cand, f"predicted {predicted:.3f} s a step instead of {now.seconds:.3f} s" + cand.reason)
         return None
 
 

@@ -570,7 +570,8 @@ class Offloader:
             if snap.read_seconds > 0 and snap.bytes_read >= _MIN_MEASURED_BYTES else None
         plan = self.adaptive.observe(StepObservation(groups=groups, write_bps=write_bps, read_bps=read_bps,
                                                      stall_seconds=snap.stall_seconds,
-                                                     compute_seconds=compute))
+                                                     compute_seconds=compute,
+                                                     in_flight=self.profiler.take_in_flight()))
         if plan is not None:
             self._apply(plan)
             self._stats.add(replans=1)

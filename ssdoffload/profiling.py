@@ -42,6 +42,7 @@ class StepProfiler:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._scopes: Dict[Any, _ScopeRecord] = {}
+        self._in_flight = 0  # most scopes forwarded and not backwarded at once, since the last take
 
     @staticmethod
     def _mark(cuda: bool) -> Any:
@@ -56,7 +57,17 @@ class StepProfiler:
         rec = _ScopeRecord(cuda=cuda)
         rec.marks.append((0, self._mark(cuda)))
         with self._lock:
+            # Micro-batches whose backward has not begun still hold all they saved (a
+            # pipeline's warm-up forwards): with this one, that many plans' worth at once.
+            waiting = sum(1 for r in self._scopes.values() if r.bwd_start is None and r.nbytes)
+            self._in_flight = max(self._in_flight, waiting + 1)
             self._scopes[key] = rec
+
+    def take_in_flight(self) -> int:
+        """The most micro-batches in flight at once since the last call (at least 1)."""
+        with self._lock:
+            n, self._in_flight = self._in_flight, 0
+        return max(n, 1)
 
     def group(self, key: Any, group: int) -> None:
         """The forward of ``key`` entered ``group``."""

@@ -462,3 +462,60 @@ def test_keeping_everything_gets_headroom_when_sizes_move_between_steps():
     candidate = moving.candidate()
     assert candidate.placement != (DEVICE,) * 5
     assert candidate.prediction.peak_device_bytes <= 0.95 * 20 * MB
+
+
+def _pipeline_run(config, steps=4, in_flight=3):
+    """A pipeline stage's schedule (GPipe: ``in_flight`` forwards, then their backwards), by
+    hand with ``micro_batch`` scopes; returns losses, gradients per step, the stats and the
+    last plan."""
+    from ssdoffload.models.gpt import GPT, synthetic_batch
+
+    torch.manual_seed(0)
+    model = GPT(TINY)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    off = ssdoffload.Offloader(model, config) if config is not None else None
+    losses, grads, plan = [], [], None
+    try:
+        for step in range(steps):
+            pending = []
+            for mb in range(in_flight):
+                tokens, targets = synthetic_batch(TINY, 4, torch.device("cpu"), seed=10 * step + mb)
+                torch.manual_seed(100 * step + mb)
+                if off is None:
+                    pending.append(model(tokens, targets))
+                else:
+                    with off.micro_batch((step, mb)):
+                        pending.append(model(tokens, targets))
+            for mb, loss in enumerate(pending):
+                if off is not None:
+                    off.prefetch((step, mb))
+                loss.backward()
+                losses.append(loss.detach().clone())
+            del pending, loss
+            if off is not None:
+                off.end_step()
+                plan = off.plan()
+            grads.append([p.grad.detach().clone() for p in model.parameters()])
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        stats = off.stats() if off is not None else None
+    finally:
+        if off is not None:
+            off.close()
+    return losses, grads, stats, plan
+
+
+def test_a_pipeline_stage_splits_the_budget_among_its_micro_batches_in_flight(tmp_path):
+    """Three micro-batches forwarded before their backwards each hold what the plan saves: the
+    plan is made for a third of the budget (measured: the scopes in flight), so the stage meets
+    the budget without diverting tensors the plan meant to keep."""
+    one = _offloadable_bytes(tmp_path)  # one micro-batch, everything offloaded
+    budget = int(1.5 * one)  # half a micro-batch's bytes each; keeping all three would need 3x
+    reference = _pipeline_run(None)
+    got = _pipeline_run(_budget_config(tmp_path, budget))
+    assert_bit_identical(reference, got)
+    stats, plan = got[2], got[3]
+    assert "3 micro-batches in flight" in plan.reason
+    assert plan.prediction.peak_device_bytes <= budget // 3
+    assert stats.peak_resident_bytes <= budget
+    assert stats.budget_overruns == 0 and stats.budget_diversions == 0
