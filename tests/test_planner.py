@@ -183,6 +183,11 @@ def test_cli_table_and_json(capsys, tmp_path):
 def test_cli_errors_and_help(capsys):
     assert planner.main(["--layers", "8", "--pp", "3"]) == 2
     assert "error" in capsys.readouterr().err
+    # A budget given in bytes where GiB are asked for, and a GPU the model state alone fills.
+    assert planner.main(["--budget", "40e9"]) == 2
+    assert "is in GiB" in capsys.readouterr().err
+    assert planner.main(["--gpu-memory", "1"]) == 2
+    assert "nothing of the GPU's 1 GiB is left for activations" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exc:
         planner.main(["--help"])
     assert exc.value.code == 0

@@ -130,6 +130,9 @@ def plan(spec: Optional[ModelSpec] = None, *, profile: Optional[Profile] = None,
         prof = spec_profile(spec, r, tflops) if spec is not None else profile
         flight = (pp - r) if schedule == "1f1b" else 1
         if budget_gib is not None:
+            if not 0 < budget_gib < 1 << 20:
+                raise ValueError(f"budget_gib={budget_gib!r}: the activation budget is in GiB (e.g. 40 for "
+                                 "40 GiB) and must be positive")
             budget = budget_gib * GiB
         elif gpu_memory_gib is not None:
             if spec is None:
@@ -140,6 +143,12 @@ def plan(spec: Optional[ModelSpec] = None, *, profile: Optional[Profile] = None,
             if r == pp - 1:
                 stage_params += spec.vocab * spec.hidden / spec.tp
             budget = gpu_memory_gib * GiB - stage_params * bytes_per_param - reserve_gib * GiB
+            if budget <= 0:
+                raise ValueError(
+                    f"nothing of the GPU's {gpu_memory_gib:g} GiB is left for activations on rank {r}: its "
+                    f"model state takes {stage_params * bytes_per_param / GiB:.1f} GiB ({bytes_per_param:g} bytes "
+                    f"per parameter) and the reserve {reserve_gib:g} GiB; shard the model (tp/pp, ZeRO: fewer "
+                    "bytes per parameter) or plan for a larger GPU")
         else:
             raise ValueError("give a memory budget: budget_gib (activations) or gpu_memory_gib")
         results.append(_plan_rank(prof, r, flight, budget, drive, global_batch, dp,
