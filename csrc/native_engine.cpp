@@ -76,6 +76,7 @@ constexpr size_t kAlign = 4096;
 constexpr int kMaxThreads = 256;
 // Sentinel returned by read_full() for an EOF before the requested bytes.
 constexpr int kShortRead = -1;
+constexpr int kCrcMismatch = -2;  // a verified read whose CRC-32C is not the one written
 
 inline size_t round_up_align(size_t n) { return (n + kAlign - 1) & ~(kAlign - 1); }
 inline bool is_aligned(uintptr_t v) { return (v & (kAlign - 1)) == 0; }
@@ -92,6 +93,9 @@ struct ChunkError {
     size_t len = 0;         // chunk length
     long long off = 0;      // chunk file offset
     size_t index = 0;       // chunk index within the request
+    bool crc_mismatch = false;
+    uint32_t crc_expected = 0;
+    uint32_t crc_got = 0;
 };
 
 struct RequestState {
@@ -108,6 +112,17 @@ struct RequestState {
     const size_t nchunks;
     const pid_t pid;          // process that submitted the request
     bool direct = false;      // fd has O_DIRECT (set before queueing)
+    // verify: a write copies each chunk into an aligned buffer, takes its CRC-32C there and
+    // writes from there (the checksum is of exactly the bytes the drive got, even if the
+    // caller's memory changes meanwhile); `crcs` gets one per chunk.  A read with `expected`
+    // (one per chunk) checks each chunk it read and fails on a mismatch.
+    bool verify = false;
+    std::vector<uint32_t> crcs;      // writes with verify: filled by the chunk that owns the slot
+    std::vector<uint32_t> expected;  // reads: empty = no check
+    // CLOCK_MONOTONIC nanoseconds (the clock of Python's time.perf_counter): when the first
+    // chunk started and when the last one finished (0: not yet).
+    std::atomic<long long> start_ns{0};
+    std::atomic<long long> end_ns{0};
 
     std::atomic<size_t> remaining;       // chunks not yet finished
     // Lowest index of a failed chunk (SIZE_MAX: none).  Chunks with a higher
@@ -193,6 +208,14 @@ struct Bounce {
     ~Bounce() { std::free(ptr); }
 };
 
+long long monotonic_ns() {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return static_cast<long long>(ts.tv_sec) * 1000000000LL + ts.tv_nsec;
+}
+
+uint32_t crc32c_compute(const unsigned char* p, size_t n);  // below
+
 // Copies n bytes of this process's memory from src to dst through the kernel
 // (process_vm_readv on ourselves).  Returns 0, or EFAULT when part of src is no
 // longer mapped: the compute thread may free a storage (resize_(0), as FSDP does)
@@ -220,9 +243,58 @@ int copy_from_own_memory(void* dst, const void* src, size_t n) {
     return 0;
 }
 
-// Runs one chunk.  Returns 0 or an errno / kShortRead; fills *got for reads.
-int run_chunk_io(const Pool& pool, const RequestState& r, size_t index, Bounce& bounce,
-                 size_t* got) {
+int ensure_bounce(const Pool& pool, Bounce& bounce) {
+    if (bounce.ptr != nullptr) return 0;
+    void* p = nullptr;
+    int rc = posix_memalign(&p, kAlign, pool.chunk_bytes);
+    if (rc != 0) return rc;
+    bounce.ptr = p;
+    return 0;
+}
+
+// A verified write: the chunk through the bounce buffer, its CRC-32C taken there.
+int write_chunk_verified(const Pool& pool, RequestState& r, size_t index, char* mem, size_t len,
+                         long long off, Bounce& bounce) {
+    int rc = ensure_bounce(pool, bounce);
+    if (rc != 0) return rc;
+    char* bb = static_cast<char*>(bounce.ptr);
+    rc = copy_from_own_memory(bb, mem, len);
+    if (rc != 0) return rc;
+    r.crcs[index] = crc32c_compute(reinterpret_cast<const unsigned char*>(bb), len);
+    size_t out = len;
+    if (r.direct) {
+        out = round_up_align(len);  // <= chunk_bytes (a multiple of 4096)
+        std::memset(bb + len, 0, out - len);
+    }
+    return write_full(r.fd, bb, out, off);
+}
+
+int run_chunk_plain(const Pool& pool, const RequestState& r, size_t index, Bounce& bounce,
+                    size_t* got);
+
+// Runs one chunk.  Returns 0 or an errno / kShortRead / kCrcMismatch; fills *got for reads
+// and *crc_got for a mismatch.
+int run_chunk_io(const Pool& pool, RequestState& r, size_t index, Bounce& bounce, size_t* got,
+                 uint32_t* crc_got) {
+    const size_t start = index * pool.chunk_bytes;
+    const size_t len = std::min(pool.chunk_bytes, r.nbytes - start);
+    char* mem = reinterpret_cast<char*>(r.address + start);
+    const long long off = r.offset + static_cast<long long>(start);
+    *got = 0;
+    if (r.is_write && r.verify) return write_chunk_verified(pool, r, index, mem, len, off, bounce);
+    int rc = run_chunk_plain(pool, r, index, bounce, got);
+    if (rc != 0 || r.is_write || r.expected.empty()) return rc;
+    const uint32_t crc = crc32c_compute(reinterpret_cast<const unsigned char*>(mem), len);
+    if (crc != r.expected[index]) {
+        *crc_got = crc;
+        return kCrcMismatch;
+    }
+    return 0;
+}
+
+// One chunk as it is: zero-copy where aligned, the bounce buffer for the rest.
+int run_chunk_plain(const Pool& pool, const RequestState& r, size_t index, Bounce& bounce,
+                    size_t* got) {
     const size_t start = index * pool.chunk_bytes;
     const size_t len = std::min(pool.chunk_bytes, r.nbytes - start);
     char* mem = reinterpret_cast<char*>(r.address + start);
@@ -245,11 +317,9 @@ int run_chunk_io(const Pool& pool, const RequestState& r, size_t index, Bounce& 
     }
     if (direct_len == len) return 0;
 
-    if (bounce.ptr == nullptr) {
-        void* p = nullptr;
-        int rc = posix_memalign(&p, kAlign, pool.chunk_bytes);
+    {
+        int rc = ensure_bounce(pool, bounce);
         if (rc != 0) return rc;
-        bounce.ptr = p;
     }
     char* bb = static_cast<char*>(bounce.ptr);
     const size_t tail = len - direct_len;
@@ -271,15 +341,24 @@ int run_chunk_io(const Pool& pool, const RequestState& r, size_t index, Bounce& 
 
 void run_task(Pool& pool, Task& task, Bounce& bounce) {
     RequestState& r = *task.req;
+    long long unset = 0;
+    r.start_ns.compare_exchange_strong(unset, monotonic_ns(), std::memory_order_relaxed);
     if (task.index < r.first_failed.load(std::memory_order_relaxed)) {
         size_t got = 0;
-        int rc = run_chunk_io(pool, r, task.index, bounce, &got);
+        uint32_t crc_got = 0;
+        int rc = run_chunk_io(pool, r, task.index, bounce, &got, &crc_got);
         if (rc != 0) {
             const size_t start = task.index * pool.chunk_bytes;
             std::lock_guard<std::mutex> lk(r.mu);
             if (!r.has_error || task.index < r.error.index) {
                 r.has_error = true;
-                r.error.err = rc == kShortRead ? EIO : rc;
+                r.error.crc_mismatch = rc == kCrcMismatch;
+                if (rc == kCrcMismatch) {
+                    r.error.crc_expected = r.expected[task.index];
+                    r.error.crc_got = crc_got;
+                    r.error.detail = "CRC-32C of the data read is not the one written";
+                }
+                r.error.err = rc == kShortRead ? EIO : rc == kCrcMismatch ? EBADMSG : rc;
                 r.error.short_read = rc == kShortRead;
                 r.error.got = got;
                 r.error.len = std::min(pool.chunk_bytes, r.nbytes - start);
@@ -290,6 +369,7 @@ void run_task(Pool& pool, Task& task, Bounce& bounce) {
         }
     }
     if (r.remaining.fetch_sub(1, std::memory_order_acq_rel) == 1) {
+        r.end_ns.store(monotonic_ns(), std::memory_order_relaxed);
         {
             std::lock_guard<std::mutex> lk(r.mu);
             // Both under mu: whoever sees the request finished (under mu) also
@@ -561,6 +641,17 @@ int request_wait(RequestState& r, double timeout) {
     }
 }
 
+// A finished request's error: true and *e filled when it failed.
+bool request_error(RequestState& r, ChunkError* e) {
+    if (r.pid == getpid()) {
+        std::lock_guard<std::mutex> lk(r.mu);
+        *e = r.error;
+        return r.has_error;
+    }
+    *e = r.error;  // a forked child: no workers here, mu may have been copied locked
+    return r.has_error;
+}
+
 void request_dealloc(PyObject* self) {
     RequestObject* ro = reinterpret_cast<RequestObject*>(self);
     ro->state.~shared_ptr<RequestState>();
@@ -639,17 +730,8 @@ PyObject* request_result(PyObject* self, PyObject* /*unused*/) {
     int rc = request_wait(r, -1.0);
     if (rc < 0) return nullptr;
 
-    bool has_error;
     ChunkError e;
-    if (r.pid == getpid()) {
-        std::lock_guard<std::mutex> lk(r.mu);
-        has_error = r.has_error;
-        e = r.error;
-    } else {
-        has_error = r.has_error;
-        e = r.error;
-    }
-    if (!has_error) return PyLong_FromSize_t(r.nbytes);
+    if (!request_error(r, &e)) return PyLong_FromSize_t(r.nbytes);
 
     char errbuf[256];
     std::string reason;
@@ -675,6 +757,59 @@ PyObject* request_result(PyObject* self, PyObject* /*unused*/) {
     return nullptr;
 }
 
+PyDoc_STRVAR(request_checksums_doc,
+"checksums($self, /)\n--\n\n"
+"Blocks (GIL released) until the request has finished.  For a write submitted\n"
+"with verify=True: the CRC-32C of each chunk written (a list, to be given back\n"
+"to read(expected=...)); None otherwise.  Call result() for errors first.");
+
+PyObject* request_checksums(PyObject* self, PyObject* /*unused*/) {
+    RequestState& r = *reinterpret_cast<RequestObject*>(self)->state;
+    int rc = request_wait(r, -1.0);
+    if (rc < 0) return nullptr;
+    if (!r.verify) Py_RETURN_NONE;
+    PyObject* out = PyList_New(static_cast<Py_ssize_t>(r.crcs.size()));
+    if (out == nullptr) return nullptr;
+    for (size_t i = 0; i < r.crcs.size(); ++i) {
+        PyObject* v = PyLong_FromUnsignedLong(r.crcs[i]);
+        if (v == nullptr) {
+            Py_DECREF(out);
+            return nullptr;
+        }
+        PyList_SET_ITEM(out, static_cast<Py_ssize_t>(i), v);
+    }
+    return out;
+}
+
+PyDoc_STRVAR(request_times_doc,
+"times($self, /)\n--\n\n"
+"Non-blocking: (start, end) in seconds of the clock of time.perf_counter() --\n"
+"when the first chunk began and the last one finished -- or None while the\n"
+"request has not finished (or had no chunk).");
+
+PyObject* request_times(PyObject* self, PyObject* /*unused*/) {
+    RequestState& r = *reinterpret_cast<RequestObject*>(self)->state;
+    if (!r.finished.load(std::memory_order_acquire)) Py_RETURN_NONE;
+    const long long a = r.start_ns.load(std::memory_order_relaxed);
+    const long long b = r.end_ns.load(std::memory_order_relaxed);
+    if (a == 0 || b == 0) Py_RETURN_NONE;
+    return Py_BuildValue("(dd)", a / 1e9, b / 1e9);
+}
+
+PyDoc_STRVAR(request_integrity_doc,
+"integrity($self, /)\n--\n\n"
+"Non-blocking: for a finished read that failed its check, (file offset of the\n"
+"chunk, expected CRC-32C, CRC-32C of what was read); None otherwise.");
+
+PyObject* request_integrity(PyObject* self, PyObject* /*unused*/) {
+    RequestState& r = *reinterpret_cast<RequestObject*>(self)->state;
+    if (!r.finished.load(std::memory_order_acquire)) Py_RETURN_NONE;
+    ChunkError e;
+    if (!request_error(r, &e) || !e.crc_mismatch) Py_RETURN_NONE;
+    return Py_BuildValue("(Lkk)", e.off, static_cast<unsigned long>(e.crc_expected),
+                         static_cast<unsigned long>(e.crc_got));
+}
+
 PyObject* request_get_nbytes(PyObject* self, void* /*closure*/) {
     return PyLong_FromSize_t(reinterpret_cast<RequestObject*>(self)->state->nbytes);
 }
@@ -696,6 +831,9 @@ PyMethodDef request_methods[] = {
     {"wait", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(request_wait_method)),
      METH_VARARGS | METH_KEYWORDS, request_wait_doc},
     {"result", request_result, METH_NOARGS, request_result_doc},
+    {"checksums", request_checksums, METH_NOARGS, request_checksums_doc},
+    {"times", request_times, METH_NOARGS, request_times_doc},
+    {"integrity", request_integrity, METH_NOARGS, request_integrity_doc},
     {nullptr, nullptr, 0, nullptr},
 };
 
@@ -845,17 +983,29 @@ void engine_dealloc(PyObject* obj) {
 }
 
 PyObject* engine_submit(EngineObject* self, PyObject* args, PyObject* kwds, bool is_write) {
-    static const char* kwlist[] = {"fd", "address", "nbytes", "offset", "path", nullptr};
+    static const char* kwlist[] = {"fd", "address", "nbytes", "offset", "path", "verify", "expected",
+                                   nullptr};
     int fd;
     PyObject* address_obj;
     PyObject* nbytes_obj;
     PyObject* offset_obj;
     PyObject* path_obj = nullptr;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, is_write ? "iOOO|O:write" : "iOOO|O:read",
+    int verify = 0;
+    PyObject* expected_obj = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, is_write ? "iOOO|O$pO:write" : "iOOO|O$pO:read",
                                      const_cast<char**>(kwlist), &fd, &address_obj,
-                                     &nbytes_obj, &offset_obj, &path_obj))
+                                     &nbytes_obj, &offset_obj, &path_obj, &verify, &expected_obj))
         return nullptr;
     if (!engine_check_process(self)) return nullptr;
+    if (is_write && expected_obj != Py_None) {
+        PyErr_SetString(PyExc_TypeError, "write() takes verify=True, not expected= (that is read()'s)");
+        return nullptr;
+    }
+    if (!is_write && verify) {
+        PyErr_SetString(PyExc_TypeError,
+                        "read() takes expected= (the checksums a verified write returned), not verify=");
+        return nullptr;
+    }
 
     uintptr_t address;
     long long nbytes_ll, offset;
@@ -903,9 +1053,39 @@ PyObject* engine_submit(EngineObject* self, PyObject* args, PyObject* kwds, bool
     std::shared_ptr<RequestState> state;
     try {
         state = std::make_shared<RequestState>(is_write, fd, address, nbytes, offset, nchunks);
+        state->verify = verify != 0;
+        if (state->verify) state->crcs.assign(nchunks, 0);
     } catch (const std::bad_alloc&) {
         Py_XDECREF(path);
         return PyErr_NoMemory();
+    }
+    if (expected_obj != Py_None) {
+        PyObject* seq = PySequence_Fast(expected_obj, "expected must be a sequence of CRC-32C values");
+        if (seq == nullptr) {
+            Py_XDECREF(path);
+            return nullptr;
+        }
+        const Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+        if (static_cast<size_t>(n) != nchunks) {
+            PyErr_Format(PyExc_ValueError,
+                         "expected has %zd checksums; a request of %zu bytes in %zu-byte chunks has %zu",
+                         n, nbytes, pool->chunk_bytes, nchunks);
+            Py_DECREF(seq);
+            Py_XDECREF(path);
+            return nullptr;
+        }
+        state->expected.resize(nchunks);
+        for (Py_ssize_t i = 0; i < n; ++i) {
+            unsigned long v = PyLong_AsUnsignedLong(PySequence_Fast_GET_ITEM(seq, i));
+            if ((v == static_cast<unsigned long>(-1) && PyErr_Occurred()) || v > 0xFFFFFFFFul) {
+                if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "a checksum is not a 32-bit value");
+                Py_DECREF(seq);
+                Py_XDECREF(path);
+                return nullptr;
+            }
+            state->expected[i] = static_cast<uint32_t>(v);
+        }
+        Py_DECREF(seq);
     }
 
     int fcntl_err = 0;
@@ -973,7 +1153,7 @@ PyObject* engine_submit(EngineObject* self, PyObject* args, PyObject* kwds, bool
 }
 
 PyDoc_STRVAR(engine_write_doc,
-"write($self, /, fd, address, nbytes, offset, path='')\n--\n\n"
+"write($self, /, fd, address, nbytes, offset, path='', *, verify=False)\n--\n\n"
 "Non-blocking: queues a write of `nbytes` bytes of host memory starting at\n"
 "the integer `address` (e.g. tensor.data_ptr(), arr.ctypes.data) to file\n"
 "descriptor `fd` at file `offset`, split into chunk_bytes pieces, and returns\n"
@@ -990,14 +1170,19 @@ PyDoc_STRVAR(engine_write_doc,
 "written.  On a buffered fd exactly `nbytes` bytes are written from the\n"
 "caller's memory.  A write to an O_APPEND fd fails with EINVAL (Linux\n"
 "pwrite would ignore the offset).  `path` is only used in error messages\n"
-"(OSError.filename).  Raises RuntimeError('engine is closed') after close().");
+"(OSError.filename).  Raises RuntimeError('engine is closed') after close().\n"
+"\n"
+"verify=True: every chunk is copied into the aligned buffer (through the kernel:\n"
+"memory freed meanwhile is EFAULT, not a crash), its CRC-32C taken there and\n"
+"written from there, so the checksum describes exactly the bytes written even\n"
+"if the caller's memory changes meanwhile; Request.checksums() returns them.");
 
 PyObject* engine_write(PyObject* self, PyObject* args, PyObject* kwds) {
     return engine_submit(reinterpret_cast<EngineObject*>(self), args, kwds, true);
 }
 
 PyDoc_STRVAR(engine_read_doc,
-"read($self, /, fd, address, nbytes, offset, path='')\n--\n\n"
+"read($self, /, fd, address, nbytes, offset, path='', *, expected=None)\n--\n\n"
 "Non-blocking: queues a read of `nbytes` bytes from file descriptor `fd` at\n"
 "file `offset` into host memory starting at the integer `address`, split\n"
 "into chunk_bytes pieces, and returns a Request at once.  The memory and the\n"
@@ -1011,7 +1196,11 @@ PyDoc_STRVAR(engine_read_doc,
 "the requested bytes are copied out (the caller's memory beyond nbytes is\n"
 "never written).  Reaching end of file before `nbytes` bytes is an error\n"
 "(EIO, 'short read').  `path` is only used in error messages.\n"
-"Raises RuntimeError('engine is closed') after close().");
+"Raises RuntimeError('engine is closed') after close().\n"
+"\n"
+"expected: the checksums a verified write returned (one per chunk); each chunk\n"
+"read is checked, and a mismatch fails the request with EBADMSG\n"
+"(Request.integrity() then says where and what).");
 
 PyObject* engine_read(PyObject* self, PyObject* args, PyObject* kwds) {
     return engine_submit(reinterpret_cast<EngineObject*>(self), args, kwds, false);

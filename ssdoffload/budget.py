@@ -31,9 +31,11 @@ groups between layers choose among the first three.
 **Solver** (``solve``): a dynamic programme over the groups in forward order whose states are
 ``(bytes held so far, SSD bytes, RAM bytes)`` with the least recompute time for each; a group
 whose backward would exceed the budget above what is held below it is not added. It is exact
-(``tests/test_budget.py`` checks it against every assignment of small instances) as long as no
-more than ``max_states`` states survive a group (after dropping dominated ones). Past that
-(long models: the states grow with the square of the layers), ``_solve_on_grid`` takes over:
+(``tests/test_budget.py`` checks it against every assignment of small instances) as long as
+the work left stays small: more than ``max_states`` states after a group (after dropping
+dominated ones) times the groups still to come above ``32 * max_states`` (a short model stays
+exact however many states it has; 7 groups reach 6^6). Past that (long models: the states grow
+with the square of the layers), ``_solve_on_grid`` takes over:
 held bytes on a grid, rounded up (a plan found still meets the budget), the I/O priced into
 the objective, one vectorised pass per price; the result says ``exact=False``.
 
@@ -211,7 +213,7 @@ def solve(groups: Sequence[BudgetGroup], budget: int, machine: Machine, max_stat
     # the final check adds all recomputed inputs (see ``evaluate``).
     Key = Tuple[int, int, int, int, int]
     states: Dict[Key, Tuple[float, Optional[tuple]]] = {(0, 0, 0, 0, -1): (0.0, None)}
-    for g in groups:
+    for index, g in enumerate(groups):
         options = [(c, _effects(g, c), _kept_input(g, c)) for c in allowed(g, machine)]
         nxt: Dict[Key, Tuple[float, Optional[tuple]]] = {}
         for (held, ssd, ram, rk, term), (extra, trail) in states.items():
@@ -228,12 +230,14 @@ def solve(groups: Sequence[BudgetGroup], budget: int, machine: Machine, max_stat
             return _lowest_peak(groups, budget, machine)
         if len(nxt) > max_states:
             # Dropping dominated states costs the square of their number: worth it only for
-            # a modest overflow; past that the exact search would not finish in time.
-            if len(nxt) > 2 * max_states:
+            # a modest overflow.
+            if len(nxt) <= 2 * max_states:
+                nxt = _pareto(nxt)
+            # The work left is about states x groups left: a short model stays exact with many
+            # states (7 groups reach 6^6); a long one hands over to the grid solver.
+            remaining = n - index - 1
+            if len(nxt) > max_states and len(nxt) * remaining > 32 * max_states:
                 return _solve_on_grid(groups, budget, machine)
-            nxt = _pareto(nxt)
-        if len(nxt) > max_states:  # too many to be exact in time: the grid solver
-            return _solve_on_grid(groups, budget, machine)
         states = nxt
     best = None
     for (held, ssd, ram, rk, term), (extra, trail) in states.items():

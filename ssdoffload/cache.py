@@ -41,6 +41,10 @@ from .views import StorageToken, ViewSpec
 
 
 class State(enum.Enum):
+    # Members are singletons: hash them by identity, in C (Enum's own __hash__ is Python code,
+    # run at every transition's table lookups).
+    __hash__ = object.__hash__
+
     RESIDENT = "resident"
     WRITING = "writing"
     ON_DISK = "on disk"
@@ -75,7 +79,7 @@ class Entry:
     layer: Optional[int]
     nbytes: int
     device: torch.device
-    label: str
+    label: Any                     # a ViewSpec (described when asked: formatting costs) or a str
     key: Any = None
     storage: Optional[torch.UntypedStorage] = None
     token: Optional[StorageToken] = None
@@ -98,7 +102,8 @@ class Entry:
 
     def describe(self) -> str:
         where = f"layer {self.layer}" if self.layer is not None else "outside the layers"
-        return f"activation {self.label} ({where}, micro-batch {self.scope!r})"
+        label = self.label.describe() if isinstance(self.label, ViewSpec) else self.label
+        return f"activation {label} ({where}, micro-batch {self.scope!r})"
 
 
 class Handle:
@@ -107,9 +112,9 @@ class Handle:
 
     __slots__ = ("entry", "spec", "__weakref__")
 
-    def __init__(self, entry: Entry, tensor: torch.Tensor) -> None:
+    def __init__(self, entry: Entry, spec: ViewSpec) -> None:
         self.entry = entry
-        self.spec = ViewSpec.of(tensor)
+        self.spec = spec
 
     def modified_in_place(self) -> bool:
         """Whether the saved tensor (or anything sharing its version counter: its base, its
@@ -161,10 +166,10 @@ class OffloadCache:
             self.scopes.setdefault(entry.scope, {}).setdefault(entry.group, []).append(entry)
         self.stats.resident(entry.nbytes)
 
-    def new_handle(self, entry: Entry, tensor: torch.Tensor) -> Handle:
+    def new_handle(self, entry: Entry, tensor: torch.Tensor, spec: Optional[ViewSpec] = None) -> Handle:
         """A handle to ``entry`` for ``tensor``'s view (one more reference). The caller
         watches it (``releases.watch``) and calls ``unref`` when it died."""
-        handle = Handle(entry, tensor)
+        handle = Handle(entry, spec if spec is not None else ViewSpec.of(tensor))
         with self.lock:
             entry.refs += 1
         return handle
@@ -195,6 +200,11 @@ class OffloadCache:
                     del groups[entry.group]
             if not groups:
                 del self.scopes[entry.scope]
+
+    def has_entries(self, scope: Any) -> bool:
+        """Whether ``scope`` has live entries (one dict lookup, no lock: a hint for the hot
+        paths, which look again under the lock before acting)."""
+        return scope in self.scopes
 
     def groups_of(self, scope: Any) -> List[int]:
         with self.lock:

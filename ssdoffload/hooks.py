@@ -30,7 +30,7 @@ from .cache import Entry, Handle, OffloadCache, State
 from .config import OffloadConfig
 from .errors import OffloadError
 from .forward_position import ForwardPosition
-from .layers import in_backward
+from .layers import in_backward, is_compiling
 from .placement import Placement
 from .policy import Decision, classify, saved_nbytes
 from .prefetch import Prefetcher
@@ -160,18 +160,19 @@ class SavedTensorHooks:
         return torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
 
     def pack(self, tensor: torch.Tensor) -> Any:
-        if torch.compiler.is_compiling():
+        if is_compiling():
             # torch.compile tracing a region under our hooks (fake tensors, no storage): keep
             # them out of the graph. At run time the compiled region's own saved tensors come
             # through this hook eagerly and are offloaded then.
             return tensor
         self.cache.releases.drain()
+        self.transfers.poll()
         scope = self.position.scope
         decision, key, nbytes = classify(tensor, self.param_keys, self.config.min_offload_bytes, in_backward())
         if decision is Decision.OFFLOAD and (scope is None or self.transfers.closed):
             decision = Decision.NO_SCOPE if scope is None else Decision.CLOSED
         if decision is not Decision.OFFLOAD:
-            self.stats.kept(decision.value, nbytes or saved_nbytes(tensor))
+            self.stats.kept(decision._value_, nbytes or saved_nbytes(tensor))
             return keep(tensor)
         # A forward after a backward in the same scope (gradient accumulation inside one
         # step()): the backward's prefetch state must not make the new writes stay in memory.
@@ -204,11 +205,12 @@ class SavedTensorHooks:
             self.cache.releases.watch(kept, self._kept.drop, key)
             return kept
         storage = tensor.untyped_storage()
+        spec = ViewSpec.of(tensor)
         entry = Entry(scope=scope.key, group=scope.group, layer=scope.layer, nbytes=storage.nbytes(),
-                      device=tensor.device, label=ViewSpec.of(tensor).describe(), storage=storage,
+                      device=tensor.device, label=spec, storage=storage,
                       token=StorageToken(tensor), witness=version_witness(tensor))
         self.cache.add(key, entry)
-        handle = self.transfers.new_handle(entry, tensor)
+        handle = self.transfers.new_handle(entry, tensor, spec)
         self.stats.add(tensors_offloaded=1, offloadable_bytes=entry.nbytes)
         self.transfers.start_write(entry, place)
         if budget is not None and not self.transfers.make_room(0, budget) and place.offloads:
@@ -237,17 +239,21 @@ class SavedTensorHooks:
             budget = self.placement.memory_budget
             if budget is not None and self.stats.resident_now() > budget:
                 self.stats.add(budget_overruns=1)  # the recomputation itself runs over
+
     def unpack(self, packed: Any) -> torch.Tensor:
-        if isinstance(packed, torch.Tensor):  # kept as is (also what pack returns while tracing)
+        kind = type(packed)  # exact types, most common first: one comparison each
+        if kind is Saved:
+            self.cache.releases.drain()
+            return packed.get()
+        if kind is Kept:
+            self.cache.releases.drain()
+            self.prefetcher.backward_reached(packed.scope, packed.group)
+            self._count_recompute(packed, packed.scope, packed.group)
+            return packed.get()
+        if kind is not Handle:  # a tensor kept as is (also what pack returns while tracing)
             return packed
         self.cache.releases.drain()
-        if not isinstance(packed, Handle):
-            if isinstance(packed, Saved):
-                if isinstance(packed, Kept):
-                    self.prefetcher.backward_reached(packed.scope, packed.group)
-                    self._count_recompute(packed, packed.scope, packed.group)
-                return packed.get()
-            return packed
+        self.transfers.poll()
         entry = packed.entry
         if os.getpid() != self._pid:
             # A forked child (a DataLoader worker, a multiprocessing helper) inherited the graph

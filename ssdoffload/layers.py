@@ -87,6 +87,12 @@ def in_backward() -> bool:
     return torch._C._current_graph_task_id() != -1
 
 
+#: ``torch.compiler.is_compiling`` itself (not a wrapper: Dynamo recognises that function and
+#: folds it to True while tracing; a wrapper reading its flag would be guarded on the flag, and
+#: every call of the compiled code would then recompile).
+is_compiling = torch.compiler.is_compiling
+
+
 class LayerTracker:
     """Forward hooks on the layers that move the forward position (``ForwardPosition``
     ``enter_layer`` / ``exit_layer``) and arm a backward trigger: a gradient hook on the
@@ -108,7 +114,7 @@ class LayerTracker:
         return self._index[id(module)]
 
     def _pre_hook(self, module: torch.nn.Module, args, kwargs) -> None:
-        if torch.compiler.is_compiling():
+        if is_compiling():
             return  # traced into a compiled graph: it would not run per call (see offloader)
         if self.position.scope is not None and not in_backward():
             # A layer that updates outside state (a KV cache) cannot be recomputed: it reports
@@ -119,12 +125,15 @@ class LayerTracker:
             self.position.enter_layer(self._index[id(module)], input_bytes)
 
     def _post_hook(self, module: torch.nn.Module, args, output) -> None:
-        if torch.compiler.is_compiling() or self.position.scope is None or in_backward():
+        if is_compiling() or self.position.scope is None or in_backward():
             return
         token = self.position.exit_layer(self._index[id(module)])
         if token is None:
             return
-        for t in tree_flatten(output)[0]:
+        if not self.prefetcher.wants_trigger(token[0]):
+            return
+        outputs = (output,) if type(output) is torch.Tensor else tree_flatten(output)[0]
+        for t in outputs:
             # Never a view: touching the gradient of a view whose base was changed in place
             # regenerates its grad_fn, which raises for split pieces ("Output 0 of Split is a
             # view and its base ... has been modified inplace") and crashes the process for

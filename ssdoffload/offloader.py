@@ -532,6 +532,7 @@ class Offloader:
         ``releases.py``: nothing is released from inside the garbage collector)."""
         if self.engine is not None:
             self.cache.releases.drain()
+            self.transfers.poll()
 
     def _discard_unread(self, why: str, wait: bool = True) -> None:
         """Entries whose data lives only in the spill files (or is being read) become FAILED:

@@ -23,6 +23,7 @@ class BusyClock:
         self._lock = threading.Lock()
         self._inflight = 0
         self._since = 0.0
+        self._recorded_until = 0.0
 
     def start(self) -> None:
         with self._lock:
@@ -36,6 +37,16 @@ class BusyClock:
             if self._inflight == 0:
                 return time.perf_counter() - self._since
             return 0.0
+
+    def record(self, start: float, end: float) -> float:
+        """A transfer that ran from ``start`` to ``end`` (``time.perf_counter`` seconds, timed
+        by the native engine itself); returns the busy seconds it adds. Such transfers are
+        recorded in about the order they ran: the part before the end of the last one
+        recorded is not counted again."""
+        with self._lock:
+            begin = max(start, self._recorded_until)
+            self._recorded_until = max(self._recorded_until, end)
+            return max(0.0, end - begin)
 
 
 class RateLimiter:

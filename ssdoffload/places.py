@@ -9,7 +9,12 @@ runtime looks the word up in ``Places`` and from then on talks to the object onl
   them on), pacing them with its rate limiter, timing them with its busy clock and counting them
   in its own ``OffloadStats`` fields: nothing outside the place branches on which place it is;
 * ``moves(device)``: whether storing a tensor of that device here moves the bytes at all (host
-  RAM holding a CPU tensor keeps it in place and only accounts for its budget).
+  RAM holding a CPU tensor keeps it in place and only accounts for its budget);
+* ``direct(device)``: whether the place takes requests straight from the compute thread
+  (``direct_write`` / ``direct_read`` return the native engine's requests; ``direct_done``
+  counts one when it completed) — one queue, the engine's, with no thread of ours in between.
+  The drive does for host tensors without bandwidth caps; everything else runs ``write`` /
+  ``read`` on an I/O thread.
 
 Adding a place is one class here plus its cost in the planner (``adaptive.simulate``).
 
@@ -26,6 +31,7 @@ import torch
 
 from .host_ram import HostSlot, HostTier, HostTierBackend
 from .io import IOEngine
+from .io.native import NativeHostBackend
 from .io.jobs import IOFuture
 from .pacing import BusyClock, RateLimiter
 from .stats import StatsCollector
@@ -89,6 +95,10 @@ class Place:
     def kept_in_place(self, location: Any) -> None:
         """A tensor that ``moves`` nothing for stays where it is, holding ``location``."""
 
+    def direct(self, device: torch.device) -> bool:
+        """Whether tensors of ``device`` go to the engine straight from the compute thread."""
+        return False
+
     def source(self, location: Any) -> torch.Tensor:
         """The bytes at ``location`` as a host tensor, for a stage that drains (``drains``)."""
         raise NotImplementedError(f"{type(self).__name__} does not drain")
@@ -113,8 +123,11 @@ class DrivePlace(Place):
 
     def __init__(self, store: SpillStore, paths: Sequence[str], initial_file_bytes: int, engine: IOEngine,
                  stats: StatsCollector, verify: bool, write_cap: Optional[float],
-                 read_cap: Optional[float]) -> None:
+                 read_cap: Optional[float], direct_requests: bool = True) -> None:
         self._store: Optional[SpillStore] = store
+        #: Host tensors' requests go to the engine straight from the compute thread (False: on
+        #: the I/O threads, as CUDA tensors' always do; the tests of that path use it).
+        self.direct_requests = direct_requests
         self._paths, self._initial_bytes = list(paths), initial_file_bytes
         self.engine = engine
         self.stats = stats
@@ -149,6 +162,9 @@ class DrivePlace(Place):
     def set_caps(self, write: Optional[float], read: Optional[float]) -> None:
         self.write_limiter = RateLimiter(write) if write else None
         self.read_limiter = RateLimiter(read) if read else None
+        # Caps are paced on the I/O threads: with one, host tensors take that path too.
+        self._direct_host = self.direct_requests and not write and not read \
+            and isinstance(self.engine.backends.get("cpu"), NativeHostBackend)
 
     # -- the interface ---------------------------------------------------------------------
     def reserve(self, nbytes: int) -> Extent:
@@ -201,6 +217,32 @@ class DrivePlace(Place):
             return ready
         finally:
             self.stats.add(bytes_read=nbytes, read_seconds=self._read_clock.stop())
+
+    # -- direct requests (host tensors, no caps): the engine's queue only -------------------
+    def direct(self, device: torch.device) -> bool:
+        return self._direct_host and device.type == "cpu"
+
+    def direct_write(self, storage: torch.UntypedStorage, location: Extent) -> Any:
+        """Queue the write of ``storage`` (host memory) at ``location``; the native request."""
+        return self.engine.backends["cpu"].submit_write(storage.data_ptr(), storage.nbytes(), location,
+                                                       self.verify)
+
+    def direct_read(self, dst: torch.Tensor, location: Extent, expected: Optional[List[int]]) -> Any:
+        """Queue the read of ``location`` into ``dst`` (host memory), checked against
+        ``expected``; the native request."""
+        return self.engine.backends["cpu"].submit_read(dst.data_ptr(), dst.numel(), location, expected)
+
+    def direct_done(self, request: Any, write: bool, nbytes: int) -> Optional[tuple]:
+        """A direct request completed (``nbytes`` moved: 0 when it failed): count it, its time
+        as the engine measured it. Returns its (start, end), or None."""
+        times = request.times()
+        clock = self._write_clock if write else self._read_clock
+        seconds = clock.record(*times) if times is not None else 0.0
+        if write:
+            self.stats.add(bytes_written=nbytes, write_seconds=seconds)
+        else:
+            self.stats.add(bytes_read=nbytes, read_seconds=seconds)
+        return times
 
     def write_failed(self, location: Extent, exc: OSError) -> None:
         if exc.errno in DEAD_DRIVE_ERRNOS and location.file.mark_failed(exc):

@@ -27,6 +27,8 @@ from .views import storage_key
 
 
 class Decision(enum.Enum):
+    __hash__ = object.__hash__  # singletons: identity, in C (see cache.State)
+
     OFFLOAD = "offload"
     PARAMETER = "parameter"
     AUTOCAST_PARAMETER_COPY = "autocast copy of a parameter"
@@ -55,13 +57,19 @@ def module_storages(modules: Iterable[torch.nn.Module]) -> Set[Tuple[int, int]]:
     """``parameter_storages`` over an already flattened list of modules (each module's own
     parameters and buffers; no recursion): what the offloader refreshes at every scope."""
     keys = set()
+    plain = (torch.Tensor, torch.nn.Parameter)
+    strided = torch.strided
     for m in modules:
         for table in (m._parameters, m._buffers):
             for t in table.values():
-                if t is not None:
+                if t is None:
+                    continue
+                if type(t) in plain and t.layout is strided and not t.is_meta and not t.is_nested:
+                    key = (t.get_device(), t.untyped_storage().data_ptr())  # storage_key's rule, inline
+                else:
                     key = storage_key(t)
-                    if key is not None and key[1] != 0:
-                        keys.add(key)
+                if key is not None and key[1] != 0:
+                    keys.add(key)
     return keys
 
 

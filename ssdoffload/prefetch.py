@@ -47,8 +47,14 @@ class Prefetcher:
             return 0
         return self._read_ahead(scope, groups[-1])
 
+    def wants_trigger(self, scope: Any) -> bool:
+        """Whether a layer of ``scope`` that just finished its forward needs a backward
+        trigger: to time backward (the profiler), or because the scope has offloaded tensors
+        at or below it to read ahead (a later layer's are read by later triggers)."""
+        return self.profiler is not None or self.cache.has_entries(scope)
+
     def _read_ahead(self, scope: Any, group: int) -> int:
-        if self.transfers.closed:
+        if self.transfers.closed or not self.cache.has_entries(scope):
             return 0
         readahead: Readahead = self.placement.readahead()
         if not readahead.enabled:

@@ -25,20 +25,12 @@ from typing import Any, Callable, Set
 
 
 class _Watch(weakref.ref):
-    """A weak reference that carries its release, hashed and compared by its own identity."""
+    """A weak reference that carries its release, hashed and compared by its own identity
+    (constructed by ``weakref.ref`` itself, in C: the pack hook makes one per saved tensor)."""
 
     __slots__ = ("release", "arg")
     __hash__ = object.__hash__
     __eq__ = object.__eq__
-
-    def __new__(cls, obj: Any, callback: Callable[[Any], None], release: Callable[[Any], None],
-                arg: Any) -> "_Watch":
-        ref = super().__new__(cls, obj, callback)
-        ref.release, ref.arg = release, arg
-        return ref
-
-    def __init__(self, obj: Any, callback: Callable[[Any], None], *_: Any) -> None:
-        super().__init__(obj, callback)
 
 
 class ReleaseQueue:
@@ -52,7 +44,9 @@ class ReleaseQueue:
     def watch(self, obj: Any, release: Callable[[Any], None], arg: Any) -> None:
         """Call ``release(arg)`` at the first ``drain()`` after ``obj`` died (once per watch:
         watching one object twice runs both releases)."""
-        self._watched.add(_Watch(obj, self._dead.append, release, arg))
+        watch = _Watch(obj, self._dead.append)
+        watch.release, watch.arg = release, arg
+        self._watched.add(watch)
 
     def drain(self) -> int:
         """Run the releases of every watched object that died so far (any thread); returns

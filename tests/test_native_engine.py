@@ -839,3 +839,54 @@ def test_reading_memory_freed_under_a_write_is_an_error_not_a_crash(tmp_path):
     """)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "ok", (out.returncode, out.stderr[-2000:])
+
+
+# ---------------------------------------------------------------------------
+# verified requests: checksums taken and checked by the workers; timing
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("wmis", [0, 64])
+def test_verified_write_checksums_each_chunk_and_the_read_checks_them(engine, make_file, mode, wmis):
+    size = 2 * MiB + 12345  # three 1 MiB chunks, the last one partial
+    f = make_file(size=_round_up(size) + ALIGN)
+    src = _buffer(size, wmis)
+    src[:] = _random(size, seed=7)
+    t0 = time.perf_counter()
+    req = engine.write(f.io_fd, src.ctypes.data, size, 0, f.path, verify=True)
+    assert req.result() == size
+    crcs = req.checksums()
+    assert crcs == [_native.crc32c(src.ctypes.data + i, min(MiB, size - i)) for i in range(0, size, MiB)]
+    start, end = req.times()
+    assert t0 <= start <= end <= time.perf_counter()  # time.perf_counter's clock
+    assert f.raw()[:size] == src.tobytes()
+
+    dst = _buffer(size, 0)
+    ok = engine.read(f.io_fd, dst.ctypes.data, size, 0, f.path, expected=crcs)
+    assert ok.result() == size and ok.integrity() is None and np.array_equal(dst, src)
+    assert engine.write(f.io_fd, src.ctypes.data, size, 0, f.path).checksums() is None  # not verified
+
+    with open(f.path, "r+b") as raw:  # one byte of the second chunk changes on the drive
+        raw.seek(MiB + 5)
+        byte = raw.read(1)
+        raw.seek(MiB + 5)
+        raw.write(bytes([byte[0] ^ 0xFF]))
+    bad = engine.read(f.io_fd, dst.ctypes.data, size, 0, f.path, expected=crcs)
+    with pytest.raises(OSError) as info:
+        bad.result()
+    assert info.value.errno == errno.EBADMSG and "CRC-32C" in str(info.value)
+    offset, expected, got = bad.integrity()
+    assert offset == MiB and expected == crcs[1] and got != expected
+
+
+def test_verified_request_argument_errors(engine, make_file):
+    f = make_file(size=4 * ALIGN)
+    buf = _buffer(3 * ALIGN)
+    with pytest.raises(ValueError, match="expected has 2 checksums; a request of 12288 bytes"):
+        engine.read(f.io_fd, buf.ctypes.data, buf.size, 0, f.path, expected=[1, 2])
+    with pytest.raises(TypeError, match="not expected="):
+        engine.write(f.io_fd, buf.ctypes.data, buf.size, 0, f.path, expected=[1])
+    with pytest.raises(TypeError, match="not verify="):
+        engine.read(f.io_fd, buf.ctypes.data, buf.size, 0, f.path, verify=True)
+    with pytest.raises(ValueError, match="32-bit"):
+        engine.read(f.io_fd, buf.ctypes.data, buf.size, 0, f.path, expected=[1 << 40])

@@ -2,8 +2,11 @@
 real spill files (the native engine) and the host-RAM place, built the way ``Offloader``
 builds them — no autograd, no hooks.
 
-To make "the write has not started yet" certain rather than likely, the engine's one write
-thread is first given a job that waits on an event the test sets.
+Host tensors go to the native engine straight from the compute thread (``Place.direct``); the
+I/O-thread path (CUDA tensors, bandwidth caps, host RAM) is tested here with host tensors by
+building the drive place with ``direct_requests=False``. To make "the write has not started
+yet" certain rather than likely, that path's one write thread is first given a job that waits
+on an event the test sets.
 """
 from __future__ import annotations
 
@@ -27,13 +30,13 @@ from helpers import offload_config
 class Parts:
     """Engine, store, places, cache and transfers, as the Offloader wires them."""
 
-    def __init__(self, path: str, host_bytes: int = 0) -> None:
+    def __init__(self, path: str, host_bytes: int = 0, direct: bool = False) -> None:
         config = offload_config(path, io_threads=2)  # one write thread, one read thread
         self.stats = StatsCollector()
         self.engine = make_engine(config)
         store = SpillStore(config.resolved_paths(), config.initial_file_bytes)
         self.drive = DrivePlace(store, config.resolved_paths(), config.initial_file_bytes, self.engine,
-                                self.stats, verify=True, write_cap=None, read_cap=None)
+                                self.stats, verify=True, write_cap=None, read_cap=None, direct_requests=direct)
         self.tier = HostTier(host_bytes, self.stats) if host_bytes else None
         self.ram = HostRamPlace(self.tier, self.engine, self.stats, overflow=self.drive) if host_bytes else None
         self.cache = OffloadCache(self.stats)
@@ -68,7 +71,23 @@ def parts(tmp_path):
     p.close()
 
 
-def test_round_trip_through_every_state(parts):
+@pytest.fixture
+def direct(tmp_path):
+    p = Parts(str(tmp_path / "spill"), direct=True)
+    yield p
+    p.close()
+
+
+@pytest.mark.parametrize("path", ["io threads", "direct"])
+def test_round_trip_through_every_state(tmp_path, path):
+    parts = Parts(str(tmp_path / "spill"), direct=path == "direct")
+    try:
+        _round_trip(parts)
+    finally:
+        parts.close()
+
+
+def _round_trip(parts):
     t = torch.randn(256, 64)
     expected = t.clone()
     e = parts.entry(t)
@@ -165,3 +184,85 @@ def test_host_ram_keeps_cpu_tensors_in_place_and_drains_the_oldest_to_the_drive(
         assert parts.drive.store.used == 0
     finally:
         parts.close()
+
+
+# -- direct requests: the engine's queue, no thread of ours ------------------------------------
+def test_direct_requests_do_not_wait_for_the_io_threads(direct):
+    """With the I/O threads' write and read queues both occupied, a host tensor is still
+    written and read back: its requests went to the engine from this thread, and complete on
+    the thread that sees them done (here, the waits). The engine timed them itself."""
+    t = torch.randn(512, 64)
+    expected = t.clone()
+    e = direct.entry(t)
+    handle = direct.transfers.new_handle(e, t)
+    go = direct.hold_writes()
+    stop_reads = threading.Event()
+    direct.engine.submit_read(stop_reads.wait)
+    try:
+        direct.transfers.start_write(e, direct.drive)
+        wait_for(e.write_future)
+        assert e.state is State.ON_DISK and e.storage is None and e.checksums  # verify: per chunk
+        del t
+        storage = direct.transfers.materialize(e)
+        assert torch.equal(torch.empty(0).set_(storage, 0, expected.shape, expected.stride()), expected)
+        assert direct.step("bytes_written") == direct.step("bytes_read") == e.nbytes
+        assert direct.step("write_seconds") > 0 and direct.step("read_seconds") > 0
+    finally:
+        go.set()
+        stop_reads.set()
+    del handle, storage
+    direct.cache.releases.drain()
+    assert direct.drive.store.used == 0
+
+
+def test_finished_direct_writes_complete_at_the_next_poll(direct):
+    """Nobody waits on a write: the hooks' poll completes it (memory dropped, ON_DISK)."""
+    t = torch.randn(256, 64)
+    e = direct.entry(t)
+    handle = direct.transfers.new_handle(e, t)
+    direct.transfers.start_write(e, direct.drive)
+    request = e.write_future._request
+    assert request is not None
+    assert request.wait(30)  # the engine finished it; nothing of ours ran yet
+    assert e.state is State.WRITING and direct.step("resident_bytes") == e.nbytes
+    direct.transfers.poll()
+    assert e.state is State.ON_DISK and e.storage is None and direct.step("resident_bytes") == 0
+    del handle
+
+
+def test_an_entry_freed_during_its_direct_write_returns_its_extent_when_it_completes(direct):
+    """A direct write cannot be cancelled: the entry is freed at once (no longer resident),
+    the memory is held for the engine and the extent goes back when the write completed."""
+    t = torch.randn(256, 64)
+    e = direct.entry(t)
+    handle = direct.transfers.new_handle(e, t)
+    direct.transfers.start_write(e, direct.drive)
+    del handle
+    direct.cache.releases.drain()
+    assert e.state is State.FREED and direct.step("resident_bytes") == 0
+    wait_for(e.write_future)
+    assert e.extent is None and direct.drive.store.used == 0
+
+
+def test_a_corrupted_extent_fails_the_direct_read_with_an_integrity_error(direct):
+    """The engine checks each chunk it reads against the CRC-32C it took when writing."""
+    import os
+
+    from ssdoffload.errors import IntegrityError, SpillReadError
+
+    t = torch.randn(256, 64)
+    e = direct.entry(t)
+    handle = direct.transfers.new_handle(e, t)
+    direct.transfers.start_write(e, direct.drive)
+    wait_for(e.write_future)
+    fd = os.open(e.extent.file.path, os.O_RDWR)
+    try:
+        os.pwrite(fd, b"\xff\x00\xff\x00", e.extent.offset + 100)
+    finally:
+        os.close(fd)
+    del t
+    with pytest.raises(SpillReadError) as info:
+        direct.transfers.materialize(e)
+    assert isinstance(info.value.__cause__, IntegrityError)
+    assert info.value.__cause__.offset == e.extent.offset
+    del handle

@@ -3,7 +3,9 @@
 A backend moves the bytes of one storage between memory and an extent of a spill file. Its
 two methods are *blocking* and run on the offloader's I/O threads (never on the compute
 thread); ``IOEngine`` runs them on job pools (``jobs.py``) and returns ``IOFuture``s, so
-callers only ever see futures.
+callers only ever see futures. Host tensors skip the pools: ``NativeHostBackend.submit_write``
+/ ``submit_read`` hand the request to the native engine's own queue from the compute thread
+(``places.DrivePlace.direct``), and ``IOFuture.of_request`` makes it the same future type.
 
 Buffers are 1-D ``uint8`` tensors over the whole storage (``byte_view``). Extents start at a
 4096-byte file offset and are at least ``nbytes`` rounded up to 4096 long; a backend may write

@@ -16,6 +16,14 @@ The rules here, so that no interrupt of the compute thread can stop an I/O threa
   was interrupted while holding ``_finished`` leaves nothing to block on.
 * Callbacks are popped from a list (atomic under the GIL), so each runs once: on the I/O
   thread that finished the future, or on the thread adding it once the future is done.
+
+The same type also stands for a request of the native engine that no thread of ours runs
+(``IOFuture.of_request``: the C++ workers do the I/O, submitted straight from the compute
+thread). Its ``fn`` is then the completion (``finish(request)``: checks, state changes), run
+once by whoever first sees the request finished — a waiter (``result``, ``exception``) or a
+poll (``complete_if_done``) — under the same ``_claim`` rule. Such a future cannot be
+cancelled (the request is queued in C++ already); ``done()`` completes it when the request has
+finished, so *done* always means completed.
 """
 from __future__ import annotations
 
@@ -39,9 +47,10 @@ class IOFuture:
     ``add_done_callback``)."""
 
     __slots__ = ("_fn", "_args", "_claim", "_finished", "_done", "_cancelled", "_result",
-                 "_exc", "_callbacks", "__weakref__")
+                 "_exc", "_callbacks", "_request", "__weakref__")
 
-    def __init__(self, fn: Callable[..., Any], args: tuple) -> None:
+    def __init__(self, fn: Callable[..., Any], args: tuple, request: Any = None) -> None:
+        self._request = request  # a native engine request (``of_request``), or None: a pool job
         self._fn: Optional[Callable[..., Any]] = fn
         self._args: Optional[tuple] = args
         self._claim = _thread.allocate_lock()     # taken once: by cancel(), or by the job's run
@@ -53,21 +62,68 @@ class IOFuture:
         self._exc: Optional[BaseException] = None
         self._callbacks: List[Callable[["IOFuture"], None]] = []
 
-    # -- the I/O thread ------------------------------------------------------------------
+    @classmethod
+    def of_request(cls, request: Any, finish: Callable[[Any], Any]) -> "IOFuture":
+        """The future of a native engine ``request``; ``finish(request)`` completes it (its
+        return value is the result; what it raises, the exception)."""
+        return cls(finish, (request,), request)
+
+    # -- the I/O thread (a pool job) or the completing thread (a native request) -----------
     def _run(self) -> None:
         if self._claim.acquire(False):
-            fn, args = self._fn, self._args
-            try:
-                self._result = fn(*args)
-            except BaseException as exc:  # handed to whoever asks for the result
-                self._exc = exc
+            self._execute()
         else:
             self._cancelled = True
             self._exc = CancelledError()
+            self._finish()
+
+    def _execute(self) -> None:
+        """(Holding ``_claim``.) Run ``fn``, then finish."""
+        fn, args = self._fn, self._args
+        try:
+            self._result = fn(*args)
+        except BaseException as exc:  # handed to whoever asks for the result
+            self._exc = exc
+        self._finish()
+
+    def _finish(self) -> None:
         self._fn = self._args = None  # the job's arguments (storages) are not kept alive
+        self._request = None
         self._done = True
         self._finished.release()
         self._run_callbacks()
+
+    # -- a native request ------------------------------------------------------------------
+    def complete_if_done(self) -> bool:
+        """Non-blocking: complete a native request that has finished; True when this future
+        is done (completed) now. A pool job is done when its thread finished it."""
+        if self._done:
+            return True
+        request = self._request
+        if request is None:
+            return False
+        try:
+            if not request.done():
+                return False
+        except RuntimeError:  # submitted by the parent of this forked process: never completes here
+            return False
+        self._complete()
+        return self._done
+
+    def _complete(self) -> None:
+        """The request finished: run the completion once (another thread may be running it:
+        then wait for that one). A KeyboardInterrupt that lands in the completion reaches the
+        caller (this is the compute thread, not an I/O thread); the future still finishes,
+        failed, so nothing waits for it forever."""
+        if self._claim.acquire(False):
+            self._execute()
+            exc = self._exc
+            if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                self._exc = RuntimeError("ssdoffload: interrupted while completing this transfer")
+                raise exc
+        elif not self._done:
+            self._finished.acquire()
+            self._finished.release()
 
     def _run_callbacks(self) -> None:
         while True:
@@ -82,19 +138,30 @@ class IOFuture:
 
     # -- any thread ----------------------------------------------------------------------
     def done(self) -> bool:
-        return self._done
+        """Whether the future is done; a native request that finished is completed here
+        first (so do not call this holding a lock its completion takes)."""
+        return self._done or self.complete_if_done()
 
     def cancelled(self) -> bool:
         return self._done and self._cancelled
 
     def cancel(self) -> bool:
         """Stop the job if it has not started; True when it will not run. The future is
-        finished (and its callbacks run) by the I/O thread when the queue reaches it."""
+        finished (and its callbacks run) by the I/O thread when the queue reaches it. A native
+        request is queued in the engine already: never cancelled."""
+        if self._request is not None:
+            return False
         return self._claim.acquire(False)
 
     def _wait(self, timeout: Optional[float]) -> bool:
         if self._done:
             return True
+        request = self._request
+        if request is not None:
+            # GIL released while waiting; KeyboardInterrupt comes through (checked every 100 ms).
+            if request.wait(timeout):
+                self._complete()
+            return self._done
         if self._finished.acquire(timeout=-1 if timeout is None else max(timeout, 0)):
             self._finished.release()
         return self._done

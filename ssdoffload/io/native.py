@@ -120,6 +120,21 @@ class NativeHostBackend(Backend):
             self._buffers.release(buf)
         return crcs
 
+    def submit_write(self, address: int, nbytes: int, extent: Extent, verify: bool):
+        """Non-blocking, from any thread: the engine's request for writing ``nbytes`` at
+        ``address`` to ``extent``. With ``verify`` the engine copies each chunk into an aligned
+        buffer, checksums it there and writes from there (``request.checksums()``): the same
+        rule as ``write``, done by the engine's own workers."""
+        return self.engine.engine.write(extent.file.io_fd, address, nbytes, extent.offset, extent.file.path,
+                                        verify=verify)
+
+    def submit_read(self, address: int, nbytes: int, extent: Extent, expected: Optional[List[int]]):
+        """Non-blocking: the engine's request for reading ``extent`` into ``address``, each
+        chunk checked against ``expected`` (the checksums of ``submit_write`` or ``write``:
+        both are per ``chunk_bytes`` piece)."""
+        return self.engine.engine.read(extent.file.io_fd, address, nbytes, extent.offset, extent.file.path,
+                                       expected=expected)
+
     def read(self, dst: torch.Tensor, extent: Extent, allocated: Optional[object],
              expected: Optional[List[int]] = None) -> None:
         self.engine.read(dst.data_ptr(), dst.numel(), extent)
