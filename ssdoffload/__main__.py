@@ -183,15 +183,27 @@ def _overhead(args: argparse.Namespace) -> int:
 
     import torch
 
-    from .bench.overhead import format_overhead, measure_overhead
+    from .bench.overhead import format_overhead, format_step_overhead, measure_overhead, measure_step_overhead
+    from .bench.runner import BenchOptions, default_threads, resolve_device, resolve_preset, torch_threads
 
+    spill = args.spill_path[0] if args.spill_path else ""
+    before = torch.get_num_threads()
     torch.set_num_threads(1)  # the hooks' cost, not the kernels' parallelism
-    result = measure_overhead(spill_path=args.spill_path[0] if args.spill_path else "")
+    try:
+        result = measure_overhead(spill_path=spill)
+    finally:
+        torch.set_num_threads(before)
+    # The whole step of the preset (default: cpu-small on a CPU), nothing offloaded.
+    device = resolve_device(args.device)
+    preset = resolve_preset(BenchOptions(preset=args.preset, overrides=_overrides(args)), device)
+    with torch_threads(args.threads or default_threads(device)):
+        result["step"] = measure_step_overhead(preset, device, spill_path=spill)
     out = os.path.abspath(args.output)
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "overhead.json"), "w") as f:
         json.dump(result, f, indent=1)
     print(format_overhead(result))
+    print(format_step_overhead(result["step"]))
     print(f"results written to {out} (overhead.json)")
     return 0
 

@@ -257,8 +257,13 @@ def test_overhead_cli(tmp_path):
     set-up really offloads every tensor, the kept one none."""
     from ssdoffload.__main__ import main
 
-    assert main(["bench", "--overhead", "-o", str(tmp_path)]) == 0
+    assert main(["bench", "--overhead", "--preset", "tiny", "-o", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "overhead.json").read_text())
+    # The whole step with nothing offloaded: the plan keeps every group, and no tensor is written.
+    step = result["step"]
+    assert step["preset"] == "tiny" and step["offloaded_in_last_step"] == 0
+    assert step["plan"] and set(step["plan"]) == {"device"}
+    assert len(step["step_seconds_all"]["plain"]) == len(step["step_seconds_all"]["nothing offloaded"]) == 10
     runs = result["results"]
     assert set(runs) == {"plain", "trivial hooks", "ssdoffload, all kept", "ssdoffload, all offloaded"}
     assert result["saved_tensors_per_step"] >= 4 * result["layers"]

@@ -15,18 +15,24 @@ The figure is the compute thread's own CPU time (``time.thread_time()``) per ste
 the steps, divided by the saved tensors per step, over the trivial pair: time the thread spends
 blocked on a tiny tensor's I/O is the drive's latency, not the hooks' cost. Wall time is
 reported too.
+
+Then the whole step (``measure_step_overhead``): the preset's GPT with plain PyTorch against an
+offloader whose plan keeps everything, interleaved — what "nothing offloaded" costs.
 """
 from __future__ import annotations
 
 import contextlib
 import tempfile
 import time
-from typing import Callable, Dict
+from typing import TYPE_CHECKING, Callable, Dict
 
 import torch
 
 from ..config import OffloadConfig
 from ..offloader import Offloader
+
+if TYPE_CHECKING:
+    from .presets import Preset
 
 
 class _Layer(torch.nn.Module):
@@ -132,3 +138,76 @@ def format_overhead(result: dict) -> str:
     lines.append(f"targets: kept <= {t['kept_us']:.0f} us ({'met' if kept <= t['kept_us'] else 'MISSED'}), "
                  f"offloaded <= {t['offloaded_us']:.0f} us ({'met' if off <= t['offloaded_us'] else 'MISSED'})")
     return "\n".join(lines)
+
+
+# -- the whole step, nothing offloaded -------------------------------------------------------
+def measure_step_overhead(preset: "Preset", device: torch.device, steps: int = 10, warmup: int = 3,
+                          spill_path: str = "") -> dict:
+    """What a user pays when the plan keeps everything: the built-in GPT of ``preset`` trained
+    with plain PyTorch and with an ``Offloader`` in budget mode under a budget that never
+    binds (after its first, measured step the plan keeps every layer: the policy, the profiler's
+    timing, the layer hooks, the kept tensors' bookkeeping — all of it, no I/O). The two run
+    interleaved, one step each in turn, from the same weights and batches; the figure is the
+    median step time of each and their ratio."""
+    from ..models.gpt import GPT, synthetic_batch
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        state = GPT(preset.model).state_dict()
+    cfg = preset.model
+    cuda = device.type == "cuda"
+
+    def build() -> tuple:
+        with torch.device(device):
+            model = GPT(cfg)
+        model.load_state_dict(state)
+        model.train()
+        return model, torch.optim.SGD(model.parameters(), lr=1e-3)
+
+    def run_step(model, opt, off, i: int) -> float:
+        tokens, targets = synthetic_batch(cfg, preset.micro_batch, device, seed=i)
+        torch.manual_seed(i)
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with (off.step() if off is not None else contextlib.nullcontext()):
+            loss = model(tokens, targets)
+            loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    times: Dict[str, list] = {"plain": [], "nothing offloaded": []}
+    with tempfile.TemporaryDirectory(prefix="ssdoffload-overhead-") as tmp:
+        plain = build()
+        kept = build()
+        config = OffloadConfig(path=f"{spill_path or tmp}/spill", policy="budget", memory_budget=1 << 50)
+        with Offloader(kept[0], config) as off:
+            for i in range(warmup + steps):
+                order = [("plain", plain, None), ("nothing offloaded", kept, off)]
+                for name, (model, opt), o in (order if i % 2 else order[::-1]):
+                    seconds = run_step(model, opt, o, i)
+                    if i >= warmup:
+                        times[name].append(seconds)
+            last = off.last_step_stats()
+            plan = off.plan()
+    med = {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+    return {"preset": preset.name, "device": str(device), "steps": steps, "warmup": warmup,
+            "step_seconds": med, "step_seconds_all": times,
+            "overhead": med["nothing offloaded"] / med["plain"] - 1,
+            "offloaded_in_last_step": last.tensors_offloaded,
+            "plan": list(plan.placement) if plan is not None else None,
+            "target": 0.01 if cuda else 0.03}
+
+
+def format_step_overhead(result: dict) -> str:
+    med = result["step_seconds"]
+    spread = {n: max(t) - min(t) for n, t in result["step_seconds_all"].items()}
+    ok = result["overhead"] <= result["target"]
+    return (f"{result['preset']} on {result['device']}, median of {result['steps']} interleaved steps: plain "
+            f"{med['plain']:.3f} s (spread {spread['plain'] * 1e3:.0f} ms), nothing offloaded "
+            f"{med['nothing offloaded']:.3f} s (spread {spread['nothing offloaded'] * 1e3:.0f} ms): "
+            f"{result['overhead']:+.1%} (target <= {result['target']:.0%}: {'met' if ok else 'MISSED'}; "
+            f"{result['offloaded_in_last_step']} tensors offloaded in the last step)")
