@@ -70,9 +70,10 @@ HOLDS_MEMORY = (State.RESIDENT, State.WRITING, State.LOADING, State.LOADED)
 _ids = itertools.count()
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Entry:
-    """One offloaded storage and everything needed to bring it back."""
+    """One offloaded storage and everything needed to bring it back (slots: one is made per
+    offloaded tensor, and its fields are read on every hop)."""
 
     scope: Any
     group: int
@@ -133,7 +134,8 @@ class OffloadCache:
         self.releases = ReleaseQueue()
         self.stats = stats
         self._index: Dict[Tuple[str, int], Entry] = {}
-        self.scopes: Dict[Any, Dict[int, List[Entry]]] = {}
+        # scope -> group -> its entries (a dict as an ordered set: removing one is O(1)).
+        self.scopes: Dict[Any, Dict[int, Dict[Entry, None]]] = {}
 
     # -- state machine -------------------------------------------------------------------
     def transition(self, entry: Entry, new: State) -> None:
@@ -163,7 +165,7 @@ class OffloadCache:
         with self.lock:
             entry.key = key
             self._index[key] = entry
-            self.scopes.setdefault(entry.scope, {}).setdefault(entry.group, []).append(entry)
+            self.scopes.setdefault(entry.scope, {}).setdefault(entry.group, {})[entry] = None
         self.stats.resident(entry.nbytes)
 
     def new_handle(self, entry: Entry, tensor: torch.Tensor, spec: Optional[ViewSpec] = None) -> Handle:
@@ -192,10 +194,7 @@ class OffloadCache:
         if groups is not None:
             members = groups.get(entry.group)
             if members is not None:
-                try:
-                    members.remove(entry)
-                except ValueError:
-                    pass
+                members.pop(entry, None)
                 if not members:
                     del groups[entry.group]
             if not groups:

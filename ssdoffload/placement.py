@@ -28,6 +28,7 @@ class Placement:
         self.prefetch_depth = prefetch_depth
         self.memory_budget = memory_budget
         self._default = places.ram if places.ram is not None else places.drive
+        self._readahead: Optional[tuple] = None  # (the plan it was made for, Readahead)
 
     def place_for(self, group: int) -> Place:
         """Where an offloadable tensor saved in forward group ``group`` goes (for a recomputed
@@ -53,8 +54,15 @@ class Placement:
         return max((self.recompute_bytes(g) for g in range(len(plan.placement))), default=0)
 
     def readahead(self) -> Readahead:
-        """The configured count, or the plan's window once there is a plan."""
+        """The configured count, or the plan's window once there is a plan (asked at every
+        unpack: made once per plan)."""
         plan = self.adaptive.plan if self.adaptive is not None else None
+        cached = self._readahead
+        if cached is not None and cached[0] is plan:
+            return cached[1]
         if plan is not None and plan.prefetch_depth > 0:
-            return Readahead(self.prefetch_depth, window=plan.prefetch_depth)
-        return Readahead(self.prefetch_depth)
+            value = Readahead(self.prefetch_depth, window=plan.prefetch_depth)
+        else:
+            value = Readahead(self.prefetch_depth)
+        self._readahead = (plan, value)
+        return value
