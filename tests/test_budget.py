@@ -519,3 +519,24 @@ def test_a_pipeline_stage_splits_the_budget_among_its_micro_batches_in_flight(tm
     assert plan.prediction.peak_device_bytes <= budget // 3
     assert stats.peak_resident_bytes <= budget
     assert stats.budget_overruns == 0 and stats.budget_diversions == 0
+
+
+def test_back_pressure_waits_for_direct_writes_too(tmp_path):
+    """Host tensors' writes go to the engine straight from the compute thread (no cap set):
+    back-pressure waits on those requests as on pool jobs, so a budget of a quarter of what a
+    step offloads (just above the largest group's working set in backward: the whole budget
+    is used) holds, bit-identical."""
+    total = _offloadable_bytes(tmp_path)
+    budget = total // 4
+    reference = train(None, steps=2)
+    seen = {}
+
+    def pin(off, step):
+        seen["direct"] = off.places.drive.direct(torch.device("cpu"))
+        off.set_plan([SSD] * (2 * TINY.layers + 1))
+
+    got = train(_budget_config(tmp_path, budget), steps=2, before_step=pin)
+    assert_bit_identical(reference, got)
+    assert seen["direct"]
+    stats = got[2]
+    assert stats.peak_resident_bytes <= budget and stats.budget_overruns == 0
