@@ -88,6 +88,19 @@ def wait_for(fut: IOFuture) -> None:
         pass
 
 
+def _wait_out(request) -> None:
+    """An interrupt came between a direct request's submission and its future being kept:
+    only that future would hold the memory (and the extent) the engine is using, so wait for
+    the engine to be done with them before the interrupt goes on (further interrupts during
+    this wait are not lost: the first one is re-raised by the caller)."""
+    while True:
+        try:
+            request.wait()
+            return
+        except KeyboardInterrupt:
+            continue
+
+
 def _without_tracebacks(exc: BaseException) -> BaseException:
     """``exc`` and the exceptions chained to it, with their tracebacks (and frames) dropped."""
     seen = set()
@@ -202,12 +215,16 @@ class Transfers:
         except (OSError, RuntimeError) as exc:  # the engine refused it (closed, bad fd)
             self._write_failed(entry, exc if isinstance(exc, OSError) else OSError(str(exc)))
             return
-        fut = IOFuture.of_request(request, functools.partial(self._direct_write_done, entry, storage))
-        entry.write_future = fut
-        with self._pending_lock:
-            self._pending_writes[fut] = None
-        fut.add_done_callback(self._write_done)
-        self._direct_writes.append(fut)
+        try:
+            fut = IOFuture.of_request(request, functools.partial(self._direct_write_done, entry, storage))
+            entry.write_future = fut
+            with self._pending_lock:
+                self._pending_writes[fut] = None
+            fut.add_done_callback(self._write_done)
+            self._direct_writes.append(fut)
+        except BaseException:
+            _wait_out(request)
+            raise
 
     def _direct_write_done(self, entry: Entry, storage: torch.UntypedStorage, request) -> None:
         """A direct write finished (whoever saw it first runs this): as ``_write_job``'s end."""
@@ -231,9 +248,13 @@ class Transfers:
 
     def _submit_direct_read(self, entry: Entry, dst: torch.Tensor) -> None:
         request = entry.place.direct_read(dst, entry.extent, entry.checksums)
-        fut = IOFuture.of_request(request, functools.partial(self._direct_read_done, entry, dst))
-        entry.read_future = fut
-        self._direct_reads.append(fut)
+        try:
+            fut = IOFuture.of_request(request, functools.partial(self._direct_read_done, entry, dst))
+            entry.read_future = fut
+            self._direct_reads.append(fut)
+        except BaseException:
+            _wait_out(request)  # then start_load puts the entry back ON_DISK
+            raise
 
     def _direct_read_done(self, entry: Entry, dst: torch.Tensor, request) -> None:
         place = entry.place

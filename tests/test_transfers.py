@@ -266,3 +266,44 @@ def test_a_corrupted_extent_fails_the_direct_read_with_an_integrity_error(direct
     assert isinstance(info.value.__cause__, IntegrityError)
     assert info.value.__cause__.offset == e.extent.offset
     del handle
+
+
+@pytest.mark.parametrize("kind", ["write", "read"])
+def test_an_interrupt_before_a_direct_requests_future_exists_waits_for_the_engine(direct, monkeypatch, kind):
+    """Between the engine taking a request and its future being kept, only the submitting
+    frame holds the memory (a reload buffer, the tensor) and the extent the engine uses: a
+    KeyboardInterrupt there must not let them go while the engine still works on them. The
+    interrupt reaches the caller once the engine is done; the entry stays usable."""
+    import ssdoffload.transfers as transfers_mod
+
+    t = torch.randn(512, 256)
+    expected = t.clone()
+    e = direct.entry(t)
+    handle = direct.transfers.new_handle(e, t)
+    real = transfers_mod.IOFuture.of_request
+
+    def interrupted(request, finish):
+        raise KeyboardInterrupt
+
+    if kind == "write":
+        monkeypatch.setattr(transfers_mod.IOFuture, "of_request", staticmethod(interrupted))
+        with pytest.raises(KeyboardInterrupt):
+            direct.transfers.start_write(e, direct.drive)
+        assert direct.engine.backends.native.engine.pending() == 0  # the engine was done first
+        assert e.state is State.WRITING and e.write_future is None
+        assert torch.equal(torch.empty(0).set_(direct.transfers.materialize(e), 0, expected.shape,
+                                               expected.stride()), expected)
+    else:
+        direct.transfers.start_write(e, direct.drive)
+        wait_for(e.write_future)
+        del t
+        monkeypatch.setattr(transfers_mod.IOFuture, "of_request", staticmethod(interrupted))
+        with pytest.raises(KeyboardInterrupt):
+            direct.transfers.start_load(e, prefetch=True)
+        assert direct.engine.backends.native.engine.pending() == 0
+        assert e.state is State.ON_DISK and e.read_future is None  # the next unpack loads it again
+        monkeypatch.setattr(transfers_mod.IOFuture, "of_request", real)
+        storage = direct.transfers.materialize(e)
+        assert torch.equal(torch.empty(0).set_(storage, 0, expected.shape, expected.stride()), expected)
+        del storage
+    del handle
