@@ -6,6 +6,10 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+# Every process a test starts (ranks, launchers, scripts) prints the Python stack of each of
+# its threads if it dies of a signal: a crashed rank otherwise leaves only "SIGSEGV" behind.
+os.environ.setdefault("PYTHONFAULTHANDLER", "1")
+
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: needs a CUDA GPU (skipped without one)")
