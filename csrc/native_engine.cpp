@@ -81,6 +81,15 @@ constexpr int kCrcMismatch = -2;  // a verified read whose CRC-32C is not the on
 inline size_t round_up_align(size_t n) { return (n + kAlign - 1) & ~(kAlign - 1); }
 inline bool is_aligned(uintptr_t v) { return (v & (kAlign - 1)) == 0; }
 
+// This process's id without a system call: getpid() is one (glibc no longer caches it), and
+// the hot paths asked it per request and per chunk -- a tenth of the compute thread's time per
+// offloaded tensor on a VM.  Set at import and by a fork handler in the child.
+std::atomic<pid_t> g_pid{0};
+
+void refresh_pid() { g_pid.store(getpid(), std::memory_order_relaxed); }
+
+inline pid_t current_pid() { return g_pid.load(std::memory_order_relaxed); }
+
 // ---------------------------------------------------------------------------
 // Request state shared between the Python Request object and queued chunks.
 // ---------------------------------------------------------------------------
@@ -102,7 +111,7 @@ struct RequestState {
     RequestState(bool is_write_, int fd_, uintptr_t address_, size_t nbytes_,
                  long long offset_, size_t nchunks_)
         : is_write(is_write_), fd(fd_), address(address_), nbytes(nbytes_),
-          offset(offset_), nchunks(nchunks_), pid(getpid()), remaining(nchunks_) {}
+          offset(offset_), nchunks(nchunks_), pid(current_pid()), remaining(nchunks_) {}
 
     const bool is_write;
     const int fd;
@@ -150,7 +159,7 @@ struct Task {
 
 struct Pool {
     Pool(int nthreads_, size_t chunk_bytes_)
-        : nthreads(nthreads_), chunk_bytes(chunk_bytes_), owner_pid(getpid()) {}
+        : nthreads(nthreads_), chunk_bytes(chunk_bytes_), owner_pid(current_pid()) {}
 
     const int nthreads;
     const size_t chunk_bytes;
@@ -223,7 +232,7 @@ uint32_t crc32c_compute(const unsigned char* p, size_t n);  // below
 // Freed-but-mapped memory is read as garbage; the caller detects that (the
 // storage's address or size changed) and drops what it wrote.
 int copy_from_own_memory(void* dst, const void* src, size_t n) {
-    const pid_t self = getpid();
+    const pid_t self = current_pid();
     size_t done = 0;
     while (done < n) {
         struct iovec local = {static_cast<char*>(dst) + done, n - done};
@@ -603,7 +612,7 @@ struct RequestObject {
 // timeout < 0 means wait forever.  Waits with the GIL released, in slices, so
 // that KeyboardInterrupt and other signals are honoured.
 int request_wait(RequestState& r, double timeout) {
-    if (r.pid != getpid()) {
+    if (r.pid != current_pid()) {
         if (r.finished.load(std::memory_order_acquire)) return 1;
         PyErr_SetString(PyExc_RuntimeError,
                         "request was submitted in another process (before fork) and "
@@ -643,7 +652,7 @@ int request_wait(RequestState& r, double timeout) {
 
 // A finished request's error: true and *e filled when it failed.
 bool request_error(RequestState& r, ChunkError* e) {
-    if (r.pid == getpid()) {
+    if (r.pid == current_pid()) {
         std::lock_guard<std::mutex> lk(r.mu);
         *e = r.error;
         return r.has_error;
@@ -892,7 +901,7 @@ struct EngineObject {
 };
 
 bool engine_check_process(EngineObject* self) {
-    if (self->pool->owner_pid != getpid()) {
+    if (self->pool->owner_pid != current_pid()) {
         PyErr_Format(PyExc_RuntimeError,
                      "engine was created in process %ld and cannot be used after fork",
                      static_cast<long>(self->pool->owner_pid));
@@ -969,7 +978,7 @@ PyObject* engine_new(PyTypeObject* type, PyObject* args, PyObject* kwds) {
 void engine_dealloc(PyObject* obj) {
     EngineObject* self = reinterpret_cast<EngineObject*>(obj);
     if (self->pool != nullptr) {
-        if (self->pool->owner_pid == getpid()) {
+        if (self->pool->owner_pid == current_pid()) {
             pool_close(self->pool);
             delete self->pool;
         }
@@ -1241,7 +1250,7 @@ PyObject* engine_get_chunk_bytes(PyObject* self, void* /*closure*/) {
 PyObject* engine_repr(PyObject* self) {
     Pool* p = reinterpret_cast<EngineObject*>(self)->pool;
     bool closed;
-    if (p->owner_pid == getpid()) {
+    if (p->owner_pid == current_pid()) {
         std::lock_guard<std::mutex> lk(p->mu);
         closed = p->closed;
     } else {
@@ -1412,6 +1421,12 @@ PyModuleDef module_def = {
 }  // namespace
 
 PyMODINIT_FUNC PyInit__native(void) {
+    refresh_pid();
+    static bool fork_handler = false;  // once per process, however often the module is loaded
+    if (!fork_handler) {
+        if (pthread_atfork(nullptr, nullptr, refresh_pid) != 0) return PyErr_NoMemory();
+        fork_handler = true;
+    }
     crc32c_init_tables();
     crc32c_init_shift(&g_shift_long, kCrcLong);
     crc32c_init_shift(&g_shift_short, kCrcShort);

@@ -29,6 +29,7 @@ import torch
 from .cache import Entry, Handle, OffloadCache, State
 from .config import OffloadConfig
 from .errors import OffloadError
+from .forks import current_pid
 from .forward_position import ForwardPosition
 from .layers import in_backward, is_compiling
 from .placement import Placement
@@ -255,7 +256,7 @@ class SavedTensorHooks:
         self.cache.releases.drain()
         self.transfers.poll()
         entry = packed.entry
-        if os.getpid() != self._pid:
+        if current_pid() != self._pid:
             # A forked child (a DataLoader worker, a multiprocessing helper) inherited the graph
             # but none of the I/O threads: waiting for a read would wait forever.
             raise OffloadError(
