@@ -43,6 +43,17 @@ def _tail(text: str, n: int = 6000) -> str:
     return text if len(text) <= n else "...\n" + text[-n:]
 
 
+def _fault_dumps(text: str, n: int = 8000) -> str:
+    """What the fault handler printed for a rank killed by a signal (conftest turns it on),
+    whole: the other rank's traceback and the launcher's summary that follow it can push it
+    out of the tail."""
+    dumps, start = [], 0
+    while (at := text.find("Fatal Python error", start)) >= 0:
+        dumps.append(text[at:at + n])
+        start = at + n
+    return "".join(f"--- fault handler ---\n{d}\n" for d in dumps)
+
+
 def launch(mode: str, spill_dir: str, out_dir: str) -> list:
     """Run the worker on ``NPROC`` ranks; returns each rank's report (asserting that every
     rank finished without error, with the launcher's output in the message otherwise)."""
@@ -77,7 +88,7 @@ def launch(mode: str, spill_dir: str, out_dir: str) -> list:
             problems.append(f"rank {rank} stopped in phase {report.get('phase')!r} (killed or crashed)")
     assert not problems and proc.returncode == 0, (
         f"{mode}: launcher exit {proc.returncode}\n" + "\n".join(problems)
-        + f"\n--- launcher output ---\n{_tail(output)}")
+        + f"\n{_fault_dumps(output)}--- launcher output ---\n{_tail(output)}")
     return reports
 
 
