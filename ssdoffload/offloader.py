@@ -13,21 +13,20 @@ step).
 """
 from __future__ import annotations
 
-import atexit
 import contextlib
 import dataclasses
 import itertools
 import os
 import logging
 import threading
-import weakref
 from typing import Any, Iterator, Optional, Sequence
 
 import torch
 
 from .adaptive import AdaptivePolicy, Plan, StepObservation
 from .budget import SAVED_PLACE, BudgetPolicy, recomputes, resolve_budget
-from .cache import OffloadCache, State
+from . import shutdown
+from .cache import OffloadCache
 from .config import OffloadConfig, current_rank
 from .errors import OffloadError
 from .forward_position import ForwardPosition, ScopeState, layer_group
@@ -44,7 +43,8 @@ from .profiling import StepProfiler
 from .recompute import RecomputedLayers
 from .stats import OffloadStats, StatsCollector
 from .store import SpillStore, prepare_rank_parents
-from .transfers import Transfers, wait_for
+from .shutdown import Teardown
+from .transfers import Transfers
 
 #: Fewer bytes than this moved in a step say little about a drive's bandwidth.
 _MIN_MEASURED_BYTES = 64 << 10
@@ -57,8 +57,6 @@ _GROUPS_PER_STEP = 16
 _MIN_GROUP_BYTES = 1 << 20
 
 log = logging.getLogger("ssdoffload")
-
-_live: "weakref.WeakSet[Offloader]" = weakref.WeakSet()
 
 
 class Offloader:
@@ -88,7 +86,7 @@ class Offloader:
         self.model = model
         self._owner_pid = os.getpid()
         self._closed = False
-        self._closing = "not started"  # what close() is doing (named when it takes too long)
+        self._teardown = Teardown()  # what close() ends: the parts, once they are built
         self._lock = threading.RLock()
         self._stats = StatsCollector()
         self._step_keys = itertools.count()
@@ -107,6 +105,7 @@ class Offloader:
         self._modules = list(model.modules()) if model is not None else []
         if not config.enabled:
             return
+        shutdown.close_dropped()  # offloaders dropped unclosed end now, not at exit
         prepare_rank_parents(config.paths, current_rank())  # .../rank{rank}: the job's directory
         store: Optional[SpillStore] = SpillStore(self.paths, config.initial_file_bytes)
         drive: Optional[DrivePlace] = None
@@ -155,13 +154,19 @@ class Offloader:
             self.tracker = LayerTracker(layers, self.position, self.prefetcher)
             self.recomputed = RecomputedLayers(layers)
         except BaseException:
+            # Half-built: end what was made, here (nothing is in flight), and leave nothing
+            # for a finaliser or the exit hook to do.
+            self._closed = True
+            if self.tracker is not None:
+                self.tracker.remove()
             if store is not None:
                 store.close(failed=True)  # also removes the directories it made
             elif drive is not None:
                 drive.discard(failed=True)
-            self.close()
+            Teardown(self.engine, tier=self.tier).finish()
             raise
-        _live.add(self)
+        self._teardown = Teardown(self.engine, self.cache, self.transfers, self.places, self.tier)
+        shutdown.watch(self, self._teardown)  # closed at exit, or at a safe point if dropped
         log.info("ssdoffload: offloading to %s (%d layers tracked, policy %s%s%s)", ", ".join(self.paths),
                  len(layers), config.policy if self.adaptive is not None or config.policy == "all" else "all",
                  f", host tier {config.host_cache_bytes >> 20} MiB" if self.tier is not None else "",
@@ -426,7 +431,7 @@ class Offloader:
         if self._closed:
             return True
         self._closed = True
-        _live.discard(self)
+        shutdown.forget(self)
         if self.engine is not None:
             self.transfers.closed = True  # a forward still running keeps what it saves from now
         if os.getpid() != self._owner_pid:
@@ -440,49 +445,15 @@ class Offloader:
         for handle in self._attached:
             handle.remove()
         self._attached = []
-        if self.engine is not None:
-            # Unread entries fail now, on this thread, whatever the drive does: a backward after
-            # close() raises instead of waiting on a read.
-            self._release_dead()
-            self._discard_unread("the Offloader was closed before backward used it", wait=False)
-        files = self.spill_files
-        if timeout is None:
-            self._finish_close()
+        # Unread entries fail now, on this thread, whatever the drive does (a backward after
+        # close() raises instead of waiting on a read); the rest ends on a finisher thread.
+        self._teardown.start()
+        if timeout is not None and timeout <= 0:
+            return self._teardown.join(0)  # asked not to wait: the finisher completes on its own
+        if self._teardown.join(timeout):
             return True
-        try:
-            finisher = threading.Thread(target=self._finish_close, name="ssdoffload-close", daemon=True)
-            finisher.start()
-        except RuntimeError:  # no thread to spare (a process limit): close here, unbounded
-            self._finish_close()
-            return True
-        if timeout <= 0:
-            return False  # asked not to wait: the finisher completes the close on its own
-        finisher.join(timeout)
-        if not finisher.is_alive():
-            return True
-        pending = self.transfers.pending_writes() if self.engine is not None else 0
-        log.warning(
-            "ssdoffload: close() gave up waiting after %.0f s while %s (%d write(s) still in "
-            "flight; spill files %s). Is the drive frozen or hung? This is finished in the "
-            "background when the drive answers; a file left after exit is reclaimed by the next "
-            "start in its directory", timeout, self._closing, pending, ", ".join(files) or "(none)")
+        self._teardown.warn_unfinished(timeout)
         return False
-
-    def _finish_close(self) -> None:
-        """The part of ``close()`` that may wait on the drive (``_closing`` says where it is)."""
-        try:
-            if self.engine is not None:
-                self._closing = "waiting for the writes in flight"
-                self.transfers.wait_writes()
-                self._discard_unread("the Offloader was closed before backward used it")
-                self._closing = "stopping the I/O threads"
-                self.engine.close()
-        finally:
-            self._closing = "removing the spill files"
-            self._close_store()
-            if self.tier is not None:
-                self.tier.close()
-            self._closing = "done"
 
     def __enter__(self) -> "Offloader":
         return self
@@ -490,20 +461,11 @@ class Offloader:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def __del__(self) -> None:
-        # Dropped without close(): this may run inside the garbage collector, so nothing here
-        # waits on the drive or on a lock the interrupted code could hold; the close runs on
-        # its own thread (``timeout=0``).
-        try:
-            self.close(timeout=0)
-        except Exception as exc:  # interpreter teardown: modules may already be gone
-            log.debug("ssdoffload: closing a dropped Offloader failed: %s", exc)
+    # No __del__: an Offloader dropped without close() is ended by ``shutdown`` (its teardown
+    # queued by a weak reference, started at the next safe point or at exit), never from
+    # inside the garbage collector.
 
     # -- internals -----------------------------------------------------------------------
-    def _close_store(self, failed: bool = False) -> None:
-        if self.places is not None:
-            self.places.drive.discard(failed=failed)
-
     def _check_open(self) -> None:
         if self._closed:
             raise OffloadError("this Offloader is closed; create a new one")
@@ -521,33 +483,19 @@ class Offloader:
             return
         self._release_dead()
         self.transfers.wait_writes()
-        self._discard_unread("it was discarded when a step failed")
-        self._close_store()
+        self._teardown.discard_unread("it was discarded when a step failed")
+        self.places.drive.discard()
         if self.profiler is not None:
             self.profiler.discard()  # a failed step's timings say nothing about the plan
         log.info("ssdoffload: step aborted by an exception; spill files removed")
 
     def _release_dead(self) -> None:
         """Release the entries of handles autograd dropped since the last drain (see
-        ``releases.py``: nothing is released from inside the garbage collector)."""
-        if self.engine is not None:
-            self.cache.releases.drain()
-            self.transfers.poll()
-
-    def _discard_unread(self, why: str, wait: bool = True) -> None:
-        """Entries whose data lives only in the spill files (or is being read) become FAILED:
-        a later unpack raises ``OffloadError`` saying ``why`` instead of reading a file that is
-        about to go away. Entries that hold their memory keep serving backward. ``wait``: let
-        reads in flight finish first (a loaded entry is then kept); without it only entries no
-        read has started on are discarded (this never waits on the drive)."""
-        discard = (State.ON_DISK, State.LOADING) if wait else (State.ON_DISK,)
-        for entry in self.cache.all_entries():
-            if wait and entry.read_future is not None:
-                wait_for(entry.read_future)
-            with self.cache.lock:
-                if entry.state in discard:
-                    entry.error = OffloadError(f"ssdoffload: {entry.describe()} cannot be used: {why}")
-                    self.cache.transition(entry, State.FAILED)
+        ``releases.py``: nothing is released from inside the garbage collector), and start
+        ending any Offloader dropped without ``close()`` (``shutdown.py``)."""
+        self._teardown.release_dead()
+        if shutdown.has_dropped():
+            shutdown.close_dropped()
 
     def _on_cuda(self) -> bool:
         """Whether the model computes on a GPU (the profiler then times with CUDA events)."""
@@ -599,12 +547,3 @@ def _check_depth(depth: object, configured: int) -> None:
     if (depth == 0) != (configured == 0):
         raise ValueError(f"prefetch_depth={depth} with OffloadConfig.prefetch_depth={configured}: "
                          "prefetching is switched on or off in the config, not per plan")
-
-
-@atexit.register
-def _close_all() -> None:
-    for off in list(_live):
-        try:
-            off.close()
-        except Exception as exc:  # keep closing the others
-            log.warning("ssdoffload: closing an offloader at exit failed: %s", exc)

@@ -63,6 +63,10 @@ class ReleaseQueue:
             ran += 1
         return ran
 
+    def pending(self) -> bool:
+        """Whether a watched object died and waits for ``drain()`` (cheap: no lock)."""
+        return bool(self._dead)
+
     def __len__(self) -> int:
         """Objects watched and not yet released (dead ones waiting for a drain included)."""
         return len(self._watched)

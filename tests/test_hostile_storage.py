@@ -340,9 +340,9 @@ def test_close_on_a_frozen_filesystem_returns_and_finishes_later(ext4, caplog):
 
 @pytest.mark.slow
 def test_dropping_an_unclosed_offloader_never_blocks_the_thread_that_drops_it(ext4):
-    """``Offloader.__del__`` may run inside the garbage collector, at any allocation: it must
-    not wait on the drive. On a frozen filesystem the drop returns at once, and the files go
-    once the drive answers."""
+    """Dropping an Offloader runs nothing of ours inside the garbage collector, and the next
+    safe point only starts its teardown: on a frozen filesystem both return at once, and the
+    files go once the drive answers."""
     fs = ext4()
     model = _mlp()
     holder = [ssdoffload.Offloader(model, offload_config(os.path.join(fs.root, "spill"),
@@ -354,8 +354,8 @@ def test_dropping_an_unclosed_offloader_never_blocks_the_thread_that_drops_it(ex
     del model  # its layer hooks refer to the offloader: the two form a cycle
     fs.freeze()  # now removing the spill file blocks in the kernel
     try:
-        # The collector runs __del__ here.
         _returns(lambda: (holder.clear(), gc.collect()), "dropping an Offloader")
+        assert _returns(ssdoffload.shutdown.close_dropped, "the next safe point") == 1
     finally:
         fs.thaw()
     _wait_removed(path)
