@@ -339,7 +339,9 @@ class SpillFile:
         """
         with self._lock:
             if self.failed is not None:
-                raise self.failed
+                # A fresh exception each time: re-raising the stored one would chain every
+                # caller's frames (and the tensors they hold) onto its traceback for good.
+                raise OSError(self.failed.errno, self.failed.strerror or str(self.failed), self.path)
             found = self.allocator.allocate(nbytes)
             if found is None:
                 need = align_up(max(nbytes, 1))
@@ -364,7 +366,7 @@ class SpillFile:
         with self._lock:
             first = self.failed is None
             if first:
-                self.failed = exc
+                self.failed = OSError(exc.errno, exc.strerror or str(exc))  # no traceback: no frames kept
         return first
 
     def _reserve(self, new_capacity: int) -> None:
@@ -534,7 +536,10 @@ class SpillStore:
             except OSError as exc:
                 last_error = exc
         assert last_error is not None
-        raise last_error
+        try:
+            raise last_error
+        finally:
+            last_error = None  # the error's traceback holds this frame: no cycle left behind
 
     def free(self, extent: Extent) -> None:
         extent.file.free(extent)

@@ -450,6 +450,9 @@ class Transfers:
 
     def _write_failed(self, entry: Entry, exc: OSError) -> None:
         """Keep the tensor in memory: a failed write must never cost a correct gradient."""
+        # Its traceback holds the frames that saw it (the entry, the tensors): whatever keeps
+        # the error (a failed file, a warning) must not keep them, collector or not.
+        _without_tracebacks(exc)
         if entry.extent is not None:
             entry.place.write_failed(entry.extent, exc)
         self._take_location(entry)

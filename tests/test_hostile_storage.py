@@ -413,6 +413,45 @@ def test_a_full_drive_keeps_training_exact(ext4):
 
 
 
+def test_failed_writes_pin_nothing_once_the_graph_is_gone(ext4):
+    """Writes that fail for lack of space keep their tensors in memory only while autograd
+    needs them: once the graph is freed (and the collector never runs), every saved tensor is
+    gone. The stored errors' tracebacks used to hold the frames — and the tensors — that saw
+    them, in reference cycles only the collector frees (invisible to it on a GPU)."""
+    import weakref
+
+    fs = ext4(64)
+    filler = os.open(os.path.join(fs.root, "filler"), os.O_CREAT | os.O_RDWR, 0o600)
+    gc.collect()
+    gc.disable()
+    try:
+        os.posix_fallocate(filler, 0, fs.free_bytes() - (1 << 20))  # room for less than one tensor
+        torch.manual_seed(0)
+        layers = [nn.Linear(256, 256) for _ in range(6)]
+        x = torch.randn(2048, 256)  # 2 MiB per activation: none fits
+        config = offload_config(os.path.join(fs.root, "spill"), initial_file_bytes=4096)
+        with pytest.warns(RuntimeWarning, match="keeping it in memory"):
+            with ssdoffload.Offloader(None, config) as off:
+                for _ in range(2):  # the second step meets the same full drive again
+                    watched = []
+                    with off.step():
+                        h = x
+                        for layer in layers:
+                            h = torch.tanh(layer(h))  # tanh saves its output: h itself
+                            watched.append(weakref.ref(h))
+                        loss = h.square().mean()
+                        del h
+                        loss.backward()
+                        del loss
+                    off.current_step_stats()  # a safe point
+                    alive = [i for i, w in enumerate(watched) if w() is not None]
+                    assert not alive, f"saved tensors of layers {alive} outlived their graph"
+                assert off.stats().write_failures >= len(layers)
+    finally:
+        gc.enable()
+        os.close(filler)
+
+
 # -- 1. integrity checking is on by default ------------------------------------------------
 FS_IOC_FIEMAP = 0xC020660B
 FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE = 1, 2
