@@ -34,6 +34,7 @@ import threading
 from concurrent.futures import CancelledError
 from typing import Any, Callable, List, Optional
 
+from .. import chaos
 from .threads import is_thread_start_failure, resource_limit_error
 
 log = logging.getLogger("ssdoffload")
@@ -79,6 +80,7 @@ class IOFuture:
 
     def _execute(self) -> None:
         """(Holding ``_claim``.) Run ``fn``, then finish."""
+        if chaos.ON: chaos.pause()  # SSDOFFLOAD_CHAOS: the job or completion runs late
         fn, args = self._fn, self._args
         try:
             self._result = fn(*args)
@@ -214,6 +216,7 @@ class JobPool:
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> IOFuture:
         fut = IOFuture(fn, args)
+        if chaos.ON: chaos.pause()  # SSDOFFLOAD_CHAOS: the submission comes late
         self._queue.put(fut)
         return fut
 
