@@ -6,8 +6,9 @@ process imports ssdoffload. It is read once, here (and once by the native engine
 
 * every point that calls ``pause()`` sleeps a random 0-2 ms: the submission of a request
   (``JobPool.submit``, the native backend's ``submit_write`` / ``submit_read``), the harvest of
-  completions (``Transfers.poll``, ``IOFuture._execute`` — which every wait, poll and I/O thread
-  goes through) and every change of an entry's state (``OffloadCache.transition``);
+  completions (``Transfers.poll``; ``IOFuture._run`` and ``_complete``, which every I/O thread,
+  wait and poll goes through, before the future is claimed: an interrupt there leaves it to the
+  next waiter) and every change of an entry's state (``OffloadCache.transition``);
 * the native engine sleeps at each submission, chunk start and request completion, and hands
   queued chunks to its workers in random order instead of FIFO, so requests finish out of order
   (``csrc/native_engine.cpp``);

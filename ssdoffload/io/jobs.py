@@ -71,6 +71,7 @@ class IOFuture:
 
     # -- the I/O thread (a pool job) or the completing thread (a native request) -----------
     def _run(self) -> None:
+        if chaos.ON: chaos.pause()  # SSDOFFLOAD_CHAOS: the job runs late
         if self._claim.acquire(False):
             self._execute()
         else:
@@ -80,7 +81,6 @@ class IOFuture:
 
     def _execute(self) -> None:
         """(Holding ``_claim``.) Run ``fn``, then finish."""
-        if chaos.ON: chaos.pause()  # SSDOFFLOAD_CHAOS: the job or completion runs late
         fn, args = self._fn, self._args
         try:
             self._result = fn(*args)
@@ -117,6 +117,7 @@ class IOFuture:
         then wait for that one). A KeyboardInterrupt that lands in the completion reaches the
         caller (this is the compute thread, not an I/O thread); the future still finishes,
         failed, so nothing waits for it forever."""
+        if chaos.ON: chaos.pause()  # SSDOFFLOAD_CHAOS: late (before the claim: an interrupt here leaves it unclaimed)
         if self._claim.acquire(False):
             self._execute()
             exc = self._exc
@@ -215,8 +216,8 @@ class JobPool:
             raise
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> IOFuture:
-        fut = IOFuture(fn, args)
         if chaos.ON: chaos.pause()  # SSDOFFLOAD_CHAOS: the submission comes late
+        fut = IOFuture(fn, args)
         self._queue.put(fut)
         return fut
 
