@@ -30,6 +30,13 @@
 // * fork(): an Engine/Request inherited by a child process has no worker
 //   threads there; using it raises RuntimeError instead of hanging, and its
 //   threads/mutexes are deliberately leaked rather than touched.
+// * Chaos mode (SSDOFFLOAD_CHAOS=<seed>, read once at import; unset or empty:
+//   off): every submission, chunk start and request completion sleeps a random
+//   0-2 ms, and workers take a random queued chunk instead of the oldest, so
+//   requests finish out of order.  Random numbers come from a per-thread
+//   xorshift seeded from the seed and the thread's index.  Off, each of those
+//   points costs one predictable branch on a global flag.  It exists to show
+//   that nothing above depends on the timing or the order of completions.
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -89,6 +96,52 @@ std::atomic<pid_t> g_pid{0};
 void refresh_pid() { g_pid.store(getpid(), std::memory_order_relaxed); }
 
 inline pid_t current_pid() { return g_pid.load(std::memory_order_relaxed); }
+
+// ---------------------------------------------------------------------------
+// Chaos mode (see the header).  g_chaos is written once, at import, before
+// any Engine exists; afterwards only read.
+// ---------------------------------------------------------------------------
+
+bool g_chaos = false;
+uint64_t g_chaos_seed = 0;
+std::atomic<uint64_t> g_chaos_threads{0};  // index of threads that are not workers
+
+inline uint64_t splitmix64(uint64_t x) {
+    x += 0x9E3779B97F4A7C15ull;
+    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
+    x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
+    return x ^ (x >> 31);
+}
+
+// xorshift64 state of this thread; 0: not seeded yet.
+thread_local uint64_t t_chaos_state = 0;
+
+void chaos_seed_thread(uint64_t index) {
+    uint64_t s = splitmix64(g_chaos_seed ^ splitmix64(index));
+    t_chaos_state = s != 0 ? s : 1;
+}
+
+uint64_t chaos_next() {
+    // Workers are seeded by index when they start; other threads (submitters) on first use,
+    // numbered from 1 << 32 in the order they first ask.
+    if (t_chaos_state == 0)
+        chaos_seed_thread((1ull << 32) + g_chaos_threads.fetch_add(1, std::memory_order_relaxed));
+    uint64_t x = t_chaos_state;
+    x ^= x << 13;
+    x ^= x >> 7;
+    x ^= x << 17;
+    t_chaos_state = x;
+    return x;
+}
+
+void chaos_sleep_slow() {
+    std::this_thread::sleep_for(std::chrono::microseconds(chaos_next() % 2001));
+}
+
+// A random pause of 0-2 ms in chaos mode; one predictable branch otherwise.
+inline void chaos_sleep() {
+    if (__builtin_expect(g_chaos, false)) chaos_sleep_slow();
+}
 
 // ---------------------------------------------------------------------------
 // Request state shared between the Python Request object and queued chunks.
@@ -350,6 +403,7 @@ int run_chunk_plain(const Pool& pool, const RequestState& r, size_t index, Bounc
 
 void run_task(Pool& pool, Task& task, Bounce& bounce) {
     RequestState& r = *task.req;
+    chaos_sleep();  // the chunk starts late
     long long unset = 0;
     r.start_ns.compare_exchange_strong(unset, monotonic_ns(), std::memory_order_relaxed);
     if (task.index < r.first_failed.load(std::memory_order_relaxed)) {
@@ -378,6 +432,7 @@ void run_task(Pool& pool, Task& task, Bounce& bounce) {
         }
     }
     if (r.remaining.fetch_sub(1, std::memory_order_acq_rel) == 1) {
+        chaos_sleep();  // the completion is reported late
         r.end_ns.store(monotonic_ns(), std::memory_order_relaxed);
         {
             std::lock_guard<std::mutex> lk(r.mu);
@@ -390,14 +445,20 @@ void run_task(Pool& pool, Task& task, Bounce& bounce) {
     }
 }
 
-void worker_main(Pool* pool) {
+void worker_main(Pool* pool, int index) {
     Bounce bounce;
+    if (g_chaos) chaos_seed_thread(static_cast<uint64_t>(index));
     for (;;) {
         Task task;
         {
             std::unique_lock<std::mutex> lk(pool->mu);
             pool->cv.wait(lk, [pool] { return pool->closed || !pool->queue.empty(); });
             if (pool->queue.empty()) return;  // closed and drained
+            if (__builtin_expect(g_chaos, false) && pool->queue.size() > 1) {
+                // Chaos: any queued chunk, not the oldest -- requests finish out of order.
+                const size_t pick = static_cast<size_t>(chaos_next() % pool->queue.size());
+                if (pick != 0) std::swap(pool->queue[pick], pool->queue.front());
+            }
             task = std::move(pool->queue.front());
             pool->queue.pop_front();
         }
@@ -957,7 +1018,7 @@ PyObject* engine_new(PyTypeObject* type, PyObject* args, PyObject* kwds) {
     try {
         pool->threads.reserve(static_cast<size_t>(threads));
         for (long long i = 0; i < threads; ++i) {
-            pool->threads.emplace_back(worker_main, pool);
+            pool->threads.emplace_back(worker_main, pool, static_cast<int>(i));
             pthread_setname_np(pool->threads.back().native_handle(), "ssdoffload-io");
         }
     } catch (const std::system_error& e) {
@@ -1115,6 +1176,11 @@ PyObject* engine_submit(EngineObject* self, PyObject* args, PyObject* kwds, bool
     PyObject* req = new_request(state, path);
     Py_XDECREF(path);
     if (req == nullptr) return nullptr;
+    if (__builtin_expect(g_chaos, false)) {
+        Py_BEGIN_ALLOW_THREADS
+        chaos_sleep_slow();  // the submission arrives late
+        Py_END_ALLOW_THREADS
+    }
 
     bool closed = false;
     bool nomem = false;
@@ -1285,7 +1351,7 @@ PyDoc_STRVAR(engine_doc,
 "descriptors without holding the GIL, honouring O_DIRECT alignment (4096).\n"
 "threads must be in [1, 256] and chunk_bytes a positive multiple of 4096\n"
 "(ValueError otherwise).  Requests are split into chunk_bytes pieces served\n"
-"in FIFO order.  Each worker allocates one 4096-aligned bounce buffer of\n"
+"in FIFO order (in random order in chaos mode: SSDOFFLOAD_CHAOS).  Each worker allocates one 4096-aligned bounce buffer of\n"
 "chunk_bytes bytes the first time it needs one (unaligned O_DIRECT I/O).\n"
 "Construction does not block on I/O.");
 
@@ -1427,6 +1493,24 @@ PyMODINIT_FUNC PyInit__native(void) {
         if (pthread_atfork(nullptr, nullptr, refresh_pid) != 0) return PyErr_NoMemory();
         fork_handler = true;
     }
+    {
+        // Chaos mode: read once, before any Engine exists (a second load of the module in
+        // this process reads the same environment variable).
+        const char* chaos = std::getenv("SSDOFFLOAD_CHAOS");
+        if (chaos != nullptr && chaos[0] != '\0') {
+            char* end = nullptr;
+            errno = 0;
+            unsigned long long seed = std::strtoull(chaos, &end, 10);
+            if (errno != 0 || end == chaos || *end != '\0' || chaos[0] == '-') {
+                PyErr_Format(PyExc_ValueError,
+                             "SSDOFFLOAD_CHAOS must be a non-negative integer seed (or unset/empty: "
+                             "off), got '%s'", chaos);
+                return nullptr;
+            }
+            g_chaos_seed = static_cast<uint64_t>(seed);
+            g_chaos = true;
+        }
+    }
     crc32c_init_tables();
     crc32c_init_shift(&g_shift_long, kCrcLong);
     crc32c_init_shift(&g_shift_short, kCrcShort);
@@ -1464,6 +1548,14 @@ PyMODINIT_FUNC PyInit__native(void) {
         goto fail;
     }
     if (PyModule_AddIntConstant(m, "ALIGNMENT", static_cast<long>(kAlign)) < 0) goto fail;
+    {
+        // CHAOS_SEED: the seed of chaos mode, or None when it is off.
+        PyObject* seed = g_chaos ? PyLong_FromUnsignedLongLong(g_chaos_seed) : Py_NewRef(Py_None);
+        if (seed == nullptr || PyModule_AddObject(m, "CHAOS_SEED", seed) < 0) {
+            Py_XDECREF(seed);
+            goto fail;
+        }
+    }
     if (PyModule_AddStringConstant(m, "CRC32C_IMPLEMENTATION",
                                    g_crc_use_hw ? "sse4.2" : "slicing-by-8") < 0)
         goto fail;

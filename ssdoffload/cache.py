@@ -34,6 +34,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
+from . import chaos
 from .errors import StateError
 from .releases import ReleaseQueue
 from .stats import StatsCollector
@@ -139,6 +140,7 @@ class OffloadCache:
 
     # -- state machine -------------------------------------------------------------------
     def transition(self, entry: Entry, new: State) -> None:
+        if chaos.ON: chaos.pause()  # SSDOFFLOAD_CHAOS: state changes come late
         old = entry.state
         if new not in _ALLOWED[old]:
             raise StateError(f"{entry.describe()}: illegal transition {old.value} -> {new.value}")

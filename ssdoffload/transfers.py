@@ -54,6 +54,7 @@ import numpy
 import torch
 from torch.autograd.profiler import record_function
 
+from . import chaos
 from .cache import Entry, Handle, OffloadCache, State
 from .errors import IntegrityError, OffloadError, SpillReadError, WriteAbandoned
 from .io import byte_view
@@ -286,6 +287,7 @@ class Transfers:
         if not (self._direct_writes or self._direct_reads) or not self._poll_lock.acquire(False):
             return
         try:
+            if chaos.ON: chaos.pause()  # SSDOFFLOAD_CHAOS: completions are harvested late
             for queue in (self._direct_writes, self._direct_reads):
                 while queue and queue[0].complete_if_done():
                     queue.popleft()

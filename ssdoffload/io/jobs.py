@@ -34,6 +34,7 @@ import threading
 from concurrent.futures import CancelledError
 from typing import Any, Callable, List, Optional
 
+from .. import chaos
 from .threads import is_thread_start_failure, resource_limit_error
 
 log = logging.getLogger("ssdoffload")
@@ -70,6 +71,7 @@ class IOFuture:
 
     # -- the I/O thread (a pool job) or the completing thread (a native request) -----------
     def _run(self) -> None:
+        if chaos.ON: chaos.pause()  # SSDOFFLOAD_CHAOS: the job runs late
         if self._claim.acquire(False):
             self._execute()
         else:
@@ -115,6 +117,7 @@ class IOFuture:
         then wait for that one). A KeyboardInterrupt that lands in the completion reaches the
         caller (this is the compute thread, not an I/O thread); the future still finishes,
         failed, so nothing waits for it forever."""
+        if chaos.ON: chaos.pause()  # SSDOFFLOAD_CHAOS: late (before the claim: an interrupt here leaves it unclaimed)
         if self._claim.acquire(False):
             self._execute()
             exc = self._exc
@@ -213,6 +216,7 @@ class JobPool:
             raise
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> IOFuture:
+        if chaos.ON: chaos.pause()  # SSDOFFLOAD_CHAOS: the submission comes late
         fut = IOFuture(fn, args)
         self._queue.put(fut)
         return fut

@@ -13,6 +13,7 @@ from typing import List, Optional
 
 import torch
 
+from .. import chaos
 from . import _native
 from ..allocator import ALIGNMENT, align_up
 from ..store import Extent
@@ -125,6 +126,7 @@ class NativeHostBackend(Backend):
         ``address`` to ``extent``. With ``verify`` the engine copies each chunk into an aligned
         buffer, checksums it there and writes from there (``request.checksums()``): the same
         rule as ``write``, done by the engine's own workers."""
+        if chaos.ON: chaos.pause()  # SSDOFFLOAD_CHAOS: the submission comes late
         return self.engine.engine.write(extent.file.io_fd, address, nbytes, extent.offset, extent.file.path,
                                         verify=verify)
 
@@ -132,6 +134,7 @@ class NativeHostBackend(Backend):
         """Non-blocking: the engine's request for reading ``extent`` into ``address``, each
         chunk checked against ``expected`` (the checksums of ``submit_write`` or ``write``:
         both are per ``chunk_bytes`` piece)."""
+        if chaos.ON: chaos.pause()  # SSDOFFLOAD_CHAOS: the submission comes late
         return self.engine.engine.read(extent.file.io_fd, address, nbytes, extent.offset, extent.file.path,
                                        expected=expected)
 
