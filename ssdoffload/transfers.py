@@ -498,7 +498,15 @@ class Transfers:
     def make_room(self, nbytes: int, budget: int) -> bool:
         """Budget mode's back-pressure (compute thread): wait for writes in flight, oldest
         first, until ``nbytes`` more fit ``budget``; the wait counts as
-        ``backpressure_seconds``. False when they still do not fit with no write left."""
+        ``backpressure_seconds``. False when they still do not fit with no write left.
+
+        The answer is what is resident after the last write was seen done, never a reading
+        taken before: looking for the oldest write in flight completes the direct writes the
+        engine finished meanwhile (``done()`` runs their completion, which frees their
+        memory), and a pool write may finish between a check and that scan. How far the
+        engine got while this thread was descheduled must not change the answer (a stale
+        False diverted a kept tensor to the drive and counted a budget overrun that never
+        happened, on a busy machine only)."""
         if self.stats.resident_now() + nbytes <= budget:
             return True
         self.poll()  # direct writes that finished free their memory once completed
@@ -509,7 +517,9 @@ class Transfers:
             while self.stats.resident_now() + nbytes > budget:
                 oldest = next((f for f in self._writes_in_flight() if not f.done()), None)
                 if oldest is None:
-                    return False
+                    # Every write is done and its memory returned (a write's completion frees
+                    # it before the future is done): this reading is final.
+                    return self.stats.resident_now() + nbytes <= budget
                 with _span("ssdoffload.backpressure"):
                     wait_for(oldest)
             return True

@@ -116,3 +116,64 @@ def wait_child(pid: int, timeout: float, what: str) -> int:
             os.waitpid(pid, 0)
             pytest.fail(f"{what}: the forked child hung")
         time.sleep(0.05)
+
+
+class LateCompletions:
+    """The slow ordering of a busy machine, made deterministic: the drive's direct (engine)
+    writes are real, but the compute thread sees none of them done (``poll``, ``done()``)
+    until it waits for one; at that wait every write queued so far is finished — the engine
+    ran while the compute thread was descheduled — and each becomes visible as the compute
+    thread next looks at it. ``install(off)`` patches ``off.places.drive.direct_write`` (the
+    engine boundary); ``late=False`` only counts, completions as they come.
+
+    ``writes`` counts the write requests the engine was given: outside the statistics, it
+    says whether a tensor the plan keeps was sent to the drive."""
+
+    def __init__(self, late: bool = True) -> None:
+        import threading
+
+        self.late = late
+        self.writes = 0
+        self._hidden: list = []
+        self._lock = threading.Lock()
+
+    def install(self, off: ssdoffload.Offloader) -> None:
+        drive = off.places.drive
+        assert drive.direct(torch.device("cpu")), "host writes do not go straight to the engine"
+        submit = drive.direct_write
+
+        def direct_write(*args):
+            request = submit(*args)
+            with self._lock:
+                self.writes += 1
+                if not self.late:
+                    return request
+                hidden = _LateRequest(request, self)
+                self._hidden.append(hidden)
+            return hidden
+
+        drive.direct_write = direct_write
+
+    def reveal(self) -> None:
+        with self._lock:
+            hidden, self._hidden = self._hidden, []
+        for request in hidden:
+            request.real.wait()
+            request.visible = True
+
+
+class _LateRequest:
+    """A native request seen done only once ``LateCompletions.reveal`` ran (at a wait)."""
+
+    def __init__(self, real, late: LateCompletions) -> None:
+        self.real, self.late, self.visible = real, late, False
+
+    def done(self) -> bool:
+        return self.visible and self.real.done()
+
+    def wait(self, *args):
+        self.late.reveal()
+        return self.real.wait(*args)
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
