@@ -70,6 +70,13 @@ class OffloadConfig:
             drive). ``None``: no cap.
         stall_tolerance: The adaptive policy's target: predicted backward waiting on reads,
             as a fraction of the step time, that a plan may cost (default 0.01).
+        io_timeout: Seconds the compute thread waits on the drive at most (default 60): a
+            spill file's growth or a write back-pressure waits for that does not answer in time
+            leaves its tensor in memory (counted in ``stats().io_timeouts``, logged once); a
+            read backward needs that does not complete in time raises ``SpillReadError``
+            naming the file and the time waited (the step can be retried once the drive
+            answers). A frozen or hung drive then fails a step clearly instead of stalling
+            training for ever. ``None``: wait for ever.
         memory_budget: Budget mode: the most offloadable activation memory a step may hold,
             in bytes (an int), or as a fraction of the GPU's memory (a float in (0, 1]; CUDA
             models only). Per layer the plan keeps, offloads to RAM or SSD, recomputes (the
@@ -95,6 +102,7 @@ class OffloadConfig:
     max_write_bandwidth: Optional[float] = None
     max_read_bandwidth: Optional[float] = None
     stall_tolerance: float = 0.01
+    io_timeout: Optional[float] = 60.0
     memory_budget: Optional[Union[int, float]] = None
     paths: tuple = field(init=False, repr=False, default=())
 
@@ -150,6 +158,9 @@ class OffloadConfig:
                 f"OffloadConfig.stall_tolerance={tol!r} must be a fraction of the step time "
                 "in [0, 0.5]"
             )
+        t = self.io_timeout
+        if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.01 <= t <= 86400):
+            raise ValueError(f"OffloadConfig.io_timeout={t!r} must be seconds in [0.01, 86400] (None: wait for ever)")
         if self.verify is not None and not isinstance(self.verify, bool):
             raise ValueError(f"OffloadConfig.verify={self.verify!r} must be true, false or None (the default: on)")
         for name in ("enabled",):

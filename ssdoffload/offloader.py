@@ -44,7 +44,7 @@ from .recompute import RecomputedLayers
 from .stats import OffloadStats, StatsCollector
 from .store import SpillStore, prepare_rank_parents
 from .shutdown import Teardown
-from .transfers import Transfers
+from .transfers import Transfers, wait_for
 
 #: Fewer bytes than this moved in a step say little about a drive's bandwidth.
 _MIN_MEASURED_BYTES = 64 << 10
@@ -107,7 +107,8 @@ class Offloader:
             return
         shutdown.close_dropped()  # offloaders dropped unclosed end now, not at exit
         prepare_rank_parents(config.paths, current_rank())  # .../rank{rank}: the job's directory
-        store: Optional[SpillStore] = SpillStore(self.paths, config.initial_file_bytes)
+        store: Optional[SpillStore] = SpillStore(self.paths, config.initial_file_bytes,
+                                                 grow_timeout=config.io_timeout)
         drive: Optional[DrivePlace] = None
         try:
             # The parts, each built from the ones below it (nothing is wired in afterwards):
@@ -116,7 +117,7 @@ class Offloader:
             self.cache = OffloadCache(self._stats)
             drive = DrivePlace(store, self.paths, config.initial_file_bytes, self.engine, self._stats,
                                verify=config.checksums, write_cap=config.max_write_bandwidth,
-                               read_cap=config.max_read_bandwidth)
+                               read_cap=config.max_read_bandwidth, io_timeout=config.io_timeout)
             store = None  # the drive place owns it now
             ram = None
             if config.host_cache_bytes > 0:
@@ -124,7 +125,7 @@ class Offloader:
                 ram = HostRamPlace(self.tier, self.engine, self._stats, overflow=drive)
             self.places = Places(drive, ram)
             # 2. the entries' transfers between states.
-            self.transfers = Transfers(self.cache, self._stats)
+            self.transfers = Transfers(self.cache, self._stats, config.io_timeout)
             # 3. the plan: measured (adaptive) or fixed; it owns placement and read-ahead.
             layers = config.layers if config.layers is not None else find_layers(model)
             if config.policy in ("adaptive", "budget"):
@@ -482,9 +483,21 @@ class Offloader:
         if not self.enabled or self._closed:
             return
         self._release_dead()
-        self.transfers.wait_writes()
-        self._teardown.discard_unread("it was discarded when a step failed")
-        self.places.drive.discard()
+        why = "it was discarded when a step failed"
+        in_flight = self._teardown.in_flight()
+        # A step that failed because the drive stopped answering does not wait for it again.
+        grace = 0.0 if self._stats.snapshot("step").io_timeouts else self.config.io_timeout
+        if all(wait_for(f, grace) for f in in_flight):
+            self._teardown.discard_unread(why)
+            self.places.drive.discard()
+        else:
+            # The drive does not answer (a step failed on a read that timed out): requests are
+            # still in flight on its files, so they are not closed under the engine. What is
+            # unread fails now; the files go once those requests end; the next scope makes new.
+            self._teardown.discard_unread(why, wait=False)
+            self.places.drive.retire(in_flight)
+            log.warning("ssdoffload: step aborted while %d request(s) wait on the drive; its spill "
+                        "files are removed once they end", sum(not f.done() for f in in_flight))
         if self.profiler is not None:
             self.profiler.discard()  # a failed step's timings say nothing about the plan
         log.info("ssdoffload: step aborted by an exception; spill files removed")

@@ -32,7 +32,7 @@ import torch
 from .host_ram import HostSlot, HostTier, HostTierBackend
 from .io import IOEngine
 from .io.native import NativeHostBackend
-from .io.jobs import IOFuture
+from .io.jobs import CancelledError, IOFuture
 from .pacing import BusyClock, RateLimiter
 from .stats import StatsCollector
 from .store import DEAD_DRIVE_ERRNOS, Extent, SpillStore
@@ -123,8 +123,10 @@ class DrivePlace(Place):
 
     def __init__(self, store: SpillStore, paths: Sequence[str], initial_file_bytes: int, engine: IOEngine,
                  stats: StatsCollector, verify: bool, write_cap: Optional[float],
-                 read_cap: Optional[float], direct_requests: bool = True) -> None:
+                 read_cap: Optional[float], direct_requests: bool = True,
+                 io_timeout: Optional[float] = None) -> None:
         self._store: Optional[SpillStore] = store
+        self.io_timeout = io_timeout
         #: Host tensors' requests go to the engine straight from the compute thread (False: on
         #: the I/O threads, as CUDA tensors' always do; the tests of that path use it).
         self.direct_requests = direct_requests
@@ -147,13 +149,31 @@ class DrivePlace(Place):
         """Make the spill files again after ``discard``: a path whose drive died is left out
         (with a warning) and, with none left, tensors stay in memory."""
         if self._store is None:
-            self._store = SpillStore(self._paths, self._initial_bytes, require_all=False)
+            self._store = SpillStore(self._paths, self._initial_bytes, require_all=False,
+                                     grow_timeout=self.io_timeout)
 
     def discard(self, failed: bool = False) -> None:
         """Remove the spill files (their data is gone; extents still out are not returned)."""
         store, self._store = self._store, None
         if store is not None:
             store.close(failed=failed)
+
+    def retire(self, in_flight: Sequence[Any]) -> None:
+        """``discard`` once the requests ``in_flight`` on the files have ended (a thread
+        waits for them: the drive does not answer now); the next ``reopen`` makes new files."""
+        store, self._store = self._store, None
+        if store is None:
+            return
+
+        def close_when_done() -> None:
+            for fut in in_flight:
+                try:
+                    fut.exception()  # whatever its outcome
+                except CancelledError:
+                    pass
+            store.close()
+
+        threading.Thread(target=close_when_done, name="ssdoffload-retire", daemon=True).start()
 
     def paths(self) -> List[str]:
         store = self._store

@@ -77,6 +77,13 @@ class Teardown:
                     entry.error = OffloadError(f"ssdoffload: {entry.describe()} cannot be used: {why}")
                     self.cache.transition(entry, State.FAILED)
 
+    def in_flight(self) -> list:
+        """The futures of every write and read the engine has not finished."""
+        if self.cache is None:
+            return []
+        reads = [e.read_future for e in self.cache.all_entries() if e.read_future is not None]
+        return [f for f in self.transfers._writes_in_flight() + reads if not f.done()]
+
     def finish(self, failed: bool = False) -> None:
         """The part that may wait on the drive (``doing`` says where it is). ``failed``: the
         Offloader's construction failed (the directories it made go too)."""

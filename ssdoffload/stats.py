@@ -30,6 +30,7 @@ class OffloadStats:
     prefetch_misses: int = 0
     forwarded: int = 0
     write_failures: int = 0
+    io_timeouts: int = 0           # waits on the drive given up after OffloadConfig.io_timeout
     writes_skipped: int = 0
     storages_changed: int = 0      # resized or moved after they were saved: kept, not written
     stall_seconds: float = 0.0
@@ -97,7 +98,8 @@ class OffloadStats:
             f"prefetch hit/miss={self.prefetch_hits}/{self.prefetch_misses}, "
             f"stall={self.stall_seconds:.4f}s, peak_resident={self.peak_resident_bytes * mib:.1f} MiB, "
             f"write={self.write_bandwidth / 1e9:.2f} GB/s, read={self.read_bandwidth / 1e9:.2f} GB/s"
-            f"{f', write_failures={self.write_failures}' if self.write_failures else ''})"
+            f"{f', write_failures={self.write_failures}' if self.write_failures else ''}"
+            f"{f', io_timeouts={self.io_timeouts}' if self.io_timeouts else ''})"
         )
 
 

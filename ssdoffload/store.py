@@ -292,16 +292,61 @@ def _unlink_quietly(directory: SpillDirectory, name: str) -> Optional[OSError]:
     return None
 
 
+def _grow(fd: int, old: int, new: int) -> None:
+    """Make the file ``new`` bytes long, its blocks allocated."""
+    try:
+        os.posix_fallocate(fd, old, new - old)
+    except OSError as exc:
+        if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+            # A failed fallocate may keep the blocks it got (ext4 does): give them back
+            # now, not at close(), or other processes on the drive run out too.
+            try:
+                os.ftruncate(fd, old)
+            except OSError:
+                pass
+            raise
+        os.ftruncate(fd, new)  # filesystems without fallocate
+
+
+class _Growth:
+    """One growth on a thread of its own, through its own descriptor (the file may be closed,
+    and its number reused, while the drive keeps this one in the kernel)."""
+
+    def __init__(self, fd: int, old: int, new: int) -> None:
+        self.new = new
+        self.error: Optional[OSError] = None
+        self.done = threading.Event()
+        self._fd = os.dup(fd)
+        try:
+            threading.Thread(target=self._run, args=(old,), name="ssdoffload-grow", daemon=True).start()
+        except BaseException:
+            os.close(self._fd)
+            raise
+
+    def _run(self, old: int) -> None:
+        try:
+            _grow(self._fd, old, self.new)
+        except OSError as exc:
+            self.error = OSError(exc.errno, exc.strerror)  # no traceback: no frames kept
+        finally:
+            os.close(self._fd)
+            self.done.set()
+
+
 class SpillFile:
     """One preallocated spill file and its extent allocator."""
 
-    def __init__(self, directory: SpillDirectory, initial_bytes: int) -> None:
+    def __init__(self, directory: SpillDirectory, initial_bytes: int, grow_timeout: Optional[float] = None) -> None:
         self.directory = directory
         self.name = _new_name()
         self.path = os.path.join(directory.path, self.name)
         self.owner_pid = os.getpid()
         #: Set when the drive failed (EIO, EROFS, ...): nothing more is allocated here.
         self.failed: Optional[OSError] = None
+        #: Seconds a growth may take before the caller gives up (``OffloadConfig.io_timeout``;
+        #: not the first one, made here), and the growth it gave up on, still in the kernel.
+        self.grow_timeout: Optional[float] = None
+        self._growth: Optional[_Growth] = None
         self._lock = threading.Lock()
         self.allocator = ExtentAllocator(0)
         self.fd = _create_locked(directory, self.name)
@@ -311,6 +356,7 @@ class SpillFile:
         except BaseException:
             self._remove()
             raise
+        self.grow_timeout = grow_timeout
 
     @property
     def io_fd(self) -> int:
@@ -338,6 +384,7 @@ class SpillFile:
         ``OSError`` (ENOSPC, EFBIG, the drive's error) when the file cannot grow.
         """
         with self._lock:
+            self._settle_growth()
             if self.failed is not None:
                 # A fresh exception each time: re-raising the stored one would chain every
                 # caller's frames (and the tensors they hold) onto its traceback for good.
@@ -374,19 +421,33 @@ class SpillFile:
         old = self.allocator.capacity
         if new_capacity <= old:
             return
-        try:
-            os.posix_fallocate(self.fd, old, new_capacity - old)
-        except OSError as exc:
-            if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
-                # A failed fallocate may keep the blocks it got (ext4 does): give them back
-                # now, not at close(), or other processes on the drive run out too.
-                try:
-                    os.ftruncate(self.fd, old)
-                except OSError:
-                    pass
-                raise
-            os.ftruncate(self.fd, new_capacity)  # filesystems without fallocate
+        if self.grow_timeout is None:
+            _grow(self.fd, old, new_capacity)
+        else:
+            # The compute thread must not sit in the kernel for ever (a frozen filesystem
+            # blocks fallocate uninterruptibly): the growth runs on a thread of its own.
+            growth = _Growth(self.fd, old, new_capacity)
+            if not growth.done.wait(self.grow_timeout):
+                self._growth = growth  # settled by a later allocate, once the drive answers
+                raise OSError(errno.ETIMEDOUT, f"growing {self.path} got no answer from the drive in "
+                                               f"{self.grow_timeout:g} s (OffloadConfig.io_timeout)")
+            error, growth = growth.error, None  # (no frame of ours in a cycle with the error)
+            if error is not None:
+                raise OSError(error.errno, error.strerror)
         self.allocator.grow(new_capacity)
+
+    def _settle_growth(self) -> None:
+        """A growth given up on (``_reserve``): while it is still in the kernel the drive is
+        not answering, so nothing waits on it again; once it ended, its space is used."""
+        growth = self._growth
+        if growth is None:
+            return
+        if not growth.done.is_set():
+            raise OSError(errno.ETIMEDOUT, f"the drive holding {self.path} has not answered a growth "
+                                           "of the spill file yet (frozen or hung?)")
+        self._growth = None
+        if growth.error is None:
+            self.allocator.grow(growth.new)
 
     def _still_named(self) -> bool:
         """Whether our name still leads to our file (never unlink what another put there)."""
@@ -486,7 +547,8 @@ class SpillStore:
     no file at all then refuses every allocation (tensors stay in memory).
     """
 
-    def __init__(self, directories: Sequence[str], initial_file_bytes: int, require_all: bool = True) -> None:
+    def __init__(self, directories: Sequence[str], initial_file_bytes: int, require_all: bool = True,
+                 grow_timeout: Optional[float] = None) -> None:
         self.dirs: List[SpillDirectory] = []
         self.files: List[SpillFile] = []
         self.left_out: List[Tuple[str, str]] = []
@@ -503,7 +565,7 @@ class SpillStore:
                 self.dirs.append(d)
                 reclaim_stale_files(d)
                 try:
-                    self.files.append(SpillFile(d, per_file))
+                    self.files.append(SpillFile(d, per_file, grow_timeout))
                 except OSError as exc:
                     error = SpillPathError(
                         f"cannot create a spill file in {d.path!r}: {exc.strerror}; choose a writable "

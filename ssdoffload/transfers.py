@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import errno
 import functools
 import logging
 import threading
@@ -81,12 +82,16 @@ def reload_buffer(nbytes: int, device: torch.device) -> torch.Tensor:
 _PAGE = 4096
 
 
-def wait_for(fut: IOFuture) -> None:
-    """Block until ``fut`` is done (whatever its outcome)."""
+def wait_for(fut: IOFuture, timeout: Optional[float] = None) -> bool:
+    """Block until ``fut`` is done (whatever its outcome), at most ``timeout`` seconds
+    (``None``: for ever); whether it is done."""
     try:
-        fut.exception()
+        fut.exception(timeout)
     except CancelledError:
         pass
+    except TimeoutError:
+        return False
+    return True
 
 
 def _wait_out(request) -> None:
@@ -126,9 +131,12 @@ def _span(name: str):
 class Transfers:
     """Starts writes and loads of entries and waits for them."""
 
-    def __init__(self, cache: OffloadCache, stats: StatsCollector) -> None:
+    def __init__(self, cache: OffloadCache, stats: StatsCollector, io_timeout: Optional[float] = None) -> None:
         self.cache = cache
         self.stats = stats
+        #: The most the compute thread waits on one wait for the drive (``OffloadConfig``).
+        self.io_timeout = io_timeout
+        self._warned_timeout = False
         self.timeline = Timeline()
         self._warned_write_failure = False
         self._pending_writes: dict = {}  # IOFuture -> None, in submission order
@@ -455,6 +463,8 @@ class Transfers:
         # Its traceback holds the frames that saw it (the entry, the tensors): whatever keeps
         # the error (a failed file, a warning) must not keep them, collector or not.
         _without_tracebacks(exc)
+        if exc.errno == errno.ETIMEDOUT:
+            self._timed_out(f"writing {entry.describe()}")
         if entry.extent is not None:
             entry.place.write_failed(entry.extent, exc)
         self._take_location(entry)
@@ -467,6 +477,15 @@ class Transfers:
                 RuntimeWarning, stacklevel=2)
         log.debug("ssdoffload: write of %s failed: %s", entry.describe(), exc)
 
+    def _timed_out(self, what: str) -> None:
+        """The drive did not answer within ``io_timeout``: counted, and said once."""
+        self.stats.add(io_timeouts=1)
+        if not self._warned_timeout:
+            self._warned_timeout = True
+            log.warning("ssdoffload: the drive did not answer within io_timeout=%s s while %s; the "
+                        "tensor stays in memory (is the drive frozen or hung?). Further timeouts are "
+                        "counted in stats().io_timeouts", self.io_timeout, what)
+
     def _writes_in_flight(self) -> list:
         """The queued writes, oldest first (copied under the lock: asking a direct write
         whether it is done may complete it, which takes the lock again)."""
@@ -477,8 +496,10 @@ class Transfers:
         """How many queued writes have not finished."""
         return sum(1 for f in self._writes_in_flight() if not f.done())
 
-    def wait_writes(self) -> None:
-        """Block until every queued write finished (successfully, failed or skipped)."""
+    def wait_writes(self, timeout: Optional[float] = None) -> bool:
+        """Block until every queued write finished (successfully, failed or skipped), at most
+        ``timeout`` seconds (``None``: for ever); whether they all did."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         self.poll()
         while True:
             queued = self._writes_in_flight()
@@ -491,9 +512,11 @@ class Transfers:
                     for f in finished:
                         self._pending_writes.pop(f, None)
             if not pending:
-                return
+                return True
             for fut in pending:
-                wait_for(fut)
+                left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                if not wait_for(fut, left):
+                    return False
 
     def make_room(self, nbytes: int, budget: int) -> bool:
         """Budget mode's back-pressure (compute thread): wait for writes in flight, oldest
@@ -513,6 +536,7 @@ class Transfers:
         if self.stats.resident_now() + nbytes <= budget:
             return True
         t0 = time.perf_counter()
+        deadline = None if self.io_timeout is None else time.monotonic() + self.io_timeout
         try:
             while self.stats.resident_now() + nbytes > budget:
                 oldest = next((f for f in self._writes_in_flight() if not f.done()), None)
@@ -520,8 +544,11 @@ class Transfers:
                     # Every write is done and its memory returned (a write's completion frees
                     # it before the future is done): this reading is final.
                     return self.stats.resident_now() + nbytes <= budget
+                left = None if deadline is None else max(0.0, deadline - time.monotonic())
                 with _span("ssdoffload.backpressure"):
-                    wait_for(oldest)
+                    if not wait_for(oldest, left):
+                        self._timed_out("back-pressure waited for a write")
+                        return False
             return True
         finally:
             self.stats.add(backpressure_seconds=time.perf_counter() - t0)
@@ -641,7 +668,14 @@ class Transfers:
         if fut is not None and not fut.done():
             t0 = time.perf_counter()
             with _span("ssdoffload.stall"):
-                fut.result()
+                if not wait_for(fut, self.io_timeout):
+                    self.stats.add(io_timeouts=1)
+                    raise SpillReadError(
+                        f"ssdoffload: reading {entry.describe()} back from "
+                        f"{entry.place.describe(entry.extent) if entry.extent is not None else 'the drive'}"
+                        f" got no answer in "
+                        f"{time.perf_counter() - t0:.1f} s (OffloadConfig.io_timeout={self.io_timeout}); "
+                        "is the drive frozen or hung? The step can be retried once the drive answers")
             t1 = time.perf_counter()
             self.stats.add(stall_seconds=t1 - t0)
             self.timeline.add("stall", t0, t1, entry.nbytes, entry.layer, entry.scope)

@@ -15,6 +15,7 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 import torch
@@ -336,6 +337,93 @@ def test_close_on_a_frozen_filesystem_returns_and_finishes_later(ext4, caplog):
     finally:
         fs.thaw()
     _wait_removed(path)
+
+
+IO_TIMEOUT = 2.0
+#: A step on a frozen drive must end within io_timeout plus this (a hang is for ever; this
+#: only has to be finite and generous for a loaded machine).
+SLACK_S = 60.0
+
+
+def test_a_frozen_drive_fails_a_read_clearly_and_the_step_can_be_retried(ext4):
+    """Backward needs a tensor whose only copy is on a drive that froze (the engine's one
+    worker is stuck in a write the freeze holds, so the read never starts): after
+    ``io_timeout`` backward raises ``SpillReadError`` naming the file and the time waited (it
+    used to wait for ever). Once the drive answers, the step runs again exactly, and nothing
+    is left on disk."""
+    fs = ext4()
+    model, ref = _mlp(), _mlp()
+    x, x2 = torch.randn(512, 256), torch.randn(512, 256)
+
+    def two_forwards(m, settle=None):
+        m.zero_grad(set_to_none=True)
+        first = m(x).square().mean()
+        if settle is not None:
+            settle()
+        return first + m(x2).square().mean()
+
+    two_forwards(ref).backward()
+    want = [p.grad.clone() for p in ref.parameters()]
+    path = os.path.join(fs.root, "spill")
+    off = ssdoffload.Offloader(model, offload_config(path, initial_file_bytes=16 << 20, io_timeout=IO_TIMEOUT,
+                                                     io_threads=1))
+    (first_file,) = off.spill_files
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(ssdoffload.SpillReadError) as got:
+            with off.step():
+                # The first forward's activations are on the drive only, then it freezes.
+                loss = two_forwards(model, settle=lambda: (off.wait(), fs.freeze()))
+                loss.backward()
+        waited = time.monotonic() - t0
+        assert waited < IO_TIMEOUT + SLACK_S, f"backward failed only after {waited:.0f} s"
+        message = str(got.value)
+        assert first_file in message and "io_timeout" in message and "frozen" in message
+        assert off.stats().io_timeouts >= 1
+    finally:
+        fs.thaw()
+    with off.step():  # the retry, once the drive answers
+        two_forwards(model).backward()
+    _assert_same([p.grad.clone() for p in model.parameters()], want)
+    assert off.close() is True
+    _wait_removed(first_file)
+    assert _files(path) == []
+
+
+def test_a_frozen_drive_during_forward_keeps_training_exact(ext4):
+    """The spill file must grow in forward, and the drive is frozen: the growth does not
+    answer, so after ``io_timeout`` the tensors stay in memory (counted in ``io_timeouts``)
+    and the step finishes with exact gradients instead of blocking in the kernel for ever.
+    Once the drive answers, the growth is used and tensors are written again."""
+    fs = ext4()
+    model, ref = _mlp(), _mlp()
+    x = torch.randn(512, 256)
+    want = _grads(ref, x)
+    path = os.path.join(fs.root, "spill")
+    off = ssdoffload.Offloader(model, offload_config(path, initial_file_bytes=4096, io_timeout=IO_TIMEOUT))
+    try:
+        fs.freeze()
+        t0 = time.monotonic()
+        with pytest.warns(RuntimeWarning, match="keeping it in memory"):
+            with off.step():
+                got_grads = _grads(model, x)
+        waited = time.monotonic() - t0
+        assert waited < IO_TIMEOUT + SLACK_S, f"the step took {waited:.0f} s on a frozen drive"
+        _assert_same(got_grads, want)
+        st = off.last_step_stats()
+        assert st.io_timeouts >= 1 and st.bytes_written == 0 and st.write_failures > 0
+    finally:
+        fs.thaw()
+    for _ in range(3000):  # the growth given up on ends once the drive answers
+        if all(f._growth is None or f._growth.done.is_set() for f in off.places.drive.store.files):
+            break
+        threading.Event().wait(0.01)
+    with off.step():
+        got_grads = _grads(model, x, settle=off)
+    _assert_same(got_grads, want)
+    assert off.last_step_stats().bytes_written > 0 and off.last_step_stats().io_timeouts == 0
+    assert off.close() is True
+    assert _files(path) == []
 
 
 @pytest.mark.slow
