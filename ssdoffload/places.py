@@ -23,6 +23,7 @@ whichever thread finishes last with the location; each place guards its own stat
 """
 from __future__ import annotations
 
+import errno
 import logging
 import threading
 from typing import Any, Callable, Dict, List, Optional, Sequence
@@ -265,6 +266,8 @@ class DrivePlace(Place):
         return times
 
     def write_failed(self, location: Extent, exc: OSError) -> None:
+        if exc.errno != errno.ETIMEDOUT:
+            location.file.unname()  # while the filesystem still takes it (see SpillFile.unname)
         if exc.errno in DEAD_DRIVE_ERRNOS and location.file.mark_failed(exc):
             # The drive, not this request, failed: nothing more goes to that file; the other
             # paths (or memory) carry on, and its data already written fails loudly on read.

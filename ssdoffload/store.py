@@ -347,6 +347,7 @@ class SpillFile:
         #: not the first one, made here), and the growth it gave up on, still in the kernel.
         self.grow_timeout: Optional[float] = None
         self._growth: Optional[_Growth] = None
+        self.named = True  # False once ``unname`` removed the name early
         self._lock = threading.Lock()
         self.allocator = ExtentAllocator(0)
         self.fd = _create_locked(directory, self.name)
@@ -468,10 +469,25 @@ class SpillFile:
             return None  # a forked child: the parent owns (and removes) this file
         return self._remove()
 
+    def unname(self) -> None:
+        """Remove the file's name now, keeping the file open: I/O goes on through the
+        descriptor, and the kernel frees it when we close it — or when the process dies. Done
+        at the first write the drive refused: a device that runs out of space under the
+        filesystem (a thin-provisioned volume) soon has ext4 abort its journal and remount
+        read-only, after which no name can be removed and the file would stay on disk."""
+        with self._lock:
+            if not self.named or self.fd < 0 or os.getpid() != self.owner_pid or not self._still_named():
+                return
+            error = _unlink_quietly(self.directory, self.name)
+            if error is None:
+                self.named = False
+                log.info("ssdoffload: %s unlinked early (the drive refused a write); still in use "
+                         "through its descriptor", self.path)
+
     def _remove(self) -> Optional[OSError]:
         # Unlink before closing: the flock held until then keeps a concurrent reclaim away.
         error = None
-        if self.fd >= 0 and self._still_named():
+        if self.fd >= 0 and self.named and self._still_named():
             error = _unlink_quietly(self.directory, self.name)
         if self.fd >= 0:
             try:

@@ -15,6 +15,7 @@ import struct
 import subprocess
 import sys
 import threading
+import warnings
 import time
 
 import pytest
@@ -538,6 +539,52 @@ def test_failed_writes_pin_nothing_once_the_graph_is_gone(ext4):
     finally:
         gc.enable()
         os.close(filler)
+
+
+def test_a_thin_volume_that_runs_out_leaves_no_file(tmp_path):
+    """ext4 on a thin-provisioned volume (a sparse image on a small tmpfs, loop-mounted) whose
+    backing store runs out: the device refuses writes, ext4 soon aborts its journal and
+    remounts read-only — after which no name can be removed. Training stays exact (a refused
+    write keeps its tensor; data the device lost would be a ``SpillReadError``), and no spill
+    file is left, not even after a remount: the name goes at the first refused write."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to loop-mount an ext4 image")
+    back, mnt = tmp_path / "back", tmp_path / "mnt"
+    back.mkdir()
+    mnt.mkdir()
+    image = back / "disk.img"
+    mounted = []
+    try:
+        for cmd in (["mount", "-t", "tmpfs", "-o", "size=40m", "tmpfs", str(back)],
+                    ["truncate", "-s", "256M", str(image)],
+                    ["mkfs.ext4", "-q", "-F", "-E", "lazy_itable_init=1,lazy_journal_init=1", str(image)],
+                    ["mount", "-o", "loop", str(image), str(mnt)]):
+            subprocess.run(cmd, check=True, capture_output=True, timeout=60)
+            if cmd[0] == "mount":
+                mounted.insert(0, cmd[-1])
+        torch.manual_seed(0)
+        model = nn.Sequential(*[nn.Sequential(nn.Linear(1024, 1024), nn.Tanh()) for _ in range(8)])
+        ref = copy.deepcopy(model)
+        x = torch.randn(2048, 1024)  # 8 MiB per activation: 3 steps write more than the volume holds
+        path = str(mnt / "spill")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # "keeping it in memory"
+            with ssdoffload.Offloader(model, offload_config(path, initial_file_bytes=4096)) as off:
+                for _ in range(3):
+                    try:
+                        with off.step():
+                            got = _grads(model, x, settle=off)
+                        _assert_same(got, _grads(ref, x))
+                    except ssdoffload.SpillReadError:
+                        pass  # data the device lost, caught by the checksum: clear, not wrong
+                assert off.stats().write_failures > 0, "the volume never ran out: the test tests nothing"
+        assert _files(path) == []
+        subprocess.run(["umount", str(mnt)], check=True, capture_output=True, timeout=60)
+        subprocess.run(["mount", "-o", "loop", str(image), str(mnt)], check=True, capture_output=True, timeout=60)
+        assert _files(path) == [], "a spill file came back after a remount"
+    finally:
+        for m in mounted:
+            subprocess.run(["umount", "-l", m], capture_output=True, timeout=60)
 
 
 # -- 1. integrity checking is on by default ------------------------------------------------
