@@ -1456,7 +1456,68 @@ PyObject* module_copy(PyObject* /*module*/, PyObject* args, PyObject* kwds) {
     Py_RETURN_NONE;
 }
 
+// ---------------------------------------------------------------------------
+// Crash diagnostics: the native stack of a thread that dies of a signal.
+// Python's faulthandler prints only Python frames; a crash inside this engine,
+// torch or gloo then says nothing about where.  install_crash_handler() puts a
+// handler in front of whatever is installed (faulthandler's): it writes the
+// native backtrace of the crashing thread to stderr, puts the previous handler
+// back and returns, so the faulting instruction runs again and the previous
+// handler (faulthandler: every thread's Python stack) and then the default
+// action (death by the signal, a core) follow as before.  backtrace() is
+// called once at install so that libgcc is loaded then, not in the handler.
+// ---------------------------------------------------------------------------
+}  // namespace
+#include <execinfo.h>
+namespace {
+
+const int kCrashSignals[] = {SIGSEGV, SIGBUS, SIGFPE, SIGILL, SIGABRT};
+struct sigaction g_previous[sizeof(kCrashSignals) / sizeof(kCrashSignals[0])];
+std::atomic<bool> g_crash_handler_installed{false};
+
+void write_str(const char* text) {
+    ssize_t ignored = write(2, text, strlen(text));
+    (void)ignored;
+}
+
+void crash_handler(int sig) {
+    write_str("\nssdoffload: fatal signal ");
+    write_str(sig == SIGSEGV ? "SIGSEGV" : sig == SIGBUS ? "SIGBUS" : sig == SIGFPE ? "SIGFPE"
+              : sig == SIGILL ? "SIGILL" : "SIGABRT");
+    write_str("; native stack of the crashing thread:\n");
+    void* frames[64];
+    int n = backtrace(frames, 64);
+    backtrace_symbols_fd(frames, n, 2);
+    for (size_t i = 0; i < sizeof(kCrashSignals) / sizeof(kCrashSignals[0]); ++i) {
+        if (kCrashSignals[i] == sig) sigaction(sig, &g_previous[i], nullptr);
+    }
+    if (sig == SIGABRT) raise(sig);  // not re-executed by returning: raise it again
+}
+
+PyObject* module_install_crash_handler(PyObject*, PyObject*) {
+    if (g_crash_handler_installed.exchange(true)) Py_RETURN_FALSE;
+    void* warm[4];
+    backtrace(warm, 4);
+    for (size_t i = 0; i < sizeof(kCrashSignals) / sizeof(kCrashSignals[0]); ++i) {
+        struct sigaction act;
+        memset(&act, 0, sizeof(act));
+        act.sa_handler = crash_handler;
+        sigemptyset(&act.sa_mask);
+        act.sa_flags = SA_NODEFER | SA_ONSTACK;
+        if (sigaction(kCrashSignals[i], &act, &g_previous[i]) != 0) return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    Py_RETURN_TRUE;
+}
+
+PyDoc_STRVAR(install_crash_handler_doc,
+"install_crash_handler() -> bool\n\n"
+"On SIGSEGV, SIGBUS, SIGFPE, SIGILL or SIGABRT, write the native stack of the crashing\n"
+"thread to stderr, then hand the signal to the handler installed before (Python's\n"
+"faulthandler prints every thread's Python stack) and the default action.  Install\n"
+"faulthandler first.  Returns False if it was already installed.");
+
 PyMethodDef module_methods[] = {
+    {"install_crash_handler", module_install_crash_handler, METH_NOARGS, install_crash_handler_doc},
     {"crc32c", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(module_crc32c)),
      METH_VARARGS | METH_KEYWORDS, crc32c_doc},
     {"copy", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(module_copy)),

@@ -49,7 +49,10 @@ def _fault_dumps(text: str, n: int = 8000) -> str:
     out of the tail."""
     dumps, start = [], 0
     while (at := text.find("Fatal Python error", start)) >= 0:
-        dumps.append(text[at:at + n])
+        # The native stack the worker's crash handler printed just before (io._native).
+        native = text.rfind("native stack of the crashing thread", start, at)
+        begin = text.rfind("\n", start, native) + 1 if native >= 0 else at
+        dumps.append(text[begin:at + n])
         start = at + n
     return "".join(f"--- fault handler ---\n{d}\n" for d in dumps)
 

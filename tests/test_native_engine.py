@@ -4,6 +4,7 @@ from __future__ import annotations
 import errno
 import gc
 import os
+import signal
 import pathlib
 import subprocess
 import sys
@@ -890,3 +891,20 @@ def test_verified_request_argument_errors(engine, make_file):
         engine.read(f.io_fd, buf.ctypes.data, buf.size, 0, f.path, verify=True)
     with pytest.raises(ValueError, match="32-bit"):
         engine.read(f.io_fd, buf.ctypes.data, buf.size, 0, f.path, expected=[1 << 40])
+
+
+def test_a_crash_prints_the_native_stack_then_the_python_stacks():
+    """A process that dies of a signal says where, natively and in Python: the test workers
+    (ranks) install this, so a crash in CI leaves a stack to read, not only "SIGSEGV"."""
+    code = ("import ctypes, sys; sys.path.insert(0, %r)\n"
+            "from ssdoffload.io import _native\n"
+            "assert _native.install_crash_handler() is True\n"
+            "assert _native.install_crash_handler() is False\n"
+            "ctypes.string_at(0)\n") % os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONFAULTHANDLER="1")
+    got = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert got.returncode == -signal.SIGSEGV, (got.returncode, got.stderr[-3000:])
+    native = got.stderr.index("native stack of the crashing thread")
+    python = got.stderr.index("Fatal Python error: Segmentation fault")
+    assert native < python and "libc.so" in got.stderr[native:python]
+    assert "string_at" in got.stderr[python:]

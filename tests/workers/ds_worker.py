@@ -28,6 +28,9 @@ from deepspeed.pipe import LayerSpec, PipelineModule  # noqa: E402
 
 from ssdoffload.models.gpt import GPT, Block, GPTConfig, synthetic_batch  # noqa: E402
 from ssdoffload.integrations import deepspeed as ssd_ds  # noqa: E402
+from ssdoffload.io import _native  # noqa: E402
+
+_native.install_crash_handler()  # a rank killed by a signal prints its native stack too
 
 CFG = GPTConfig(vocab=128, seq=32, hidden=64, heads=4, layers=4, dropout=0.1)
 STEPS = 5

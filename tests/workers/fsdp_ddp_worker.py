@@ -39,6 +39,9 @@ from torch import nn
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
 import ssdoffload  # noqa: E402
+from ssdoffload.io import _native  # noqa: E402
+
+_native.install_crash_handler()  # a rank killed by a signal prints its native stack too
 
 STEPS = 3
 BATCH, SEQ, DIM, HEADS, LAYERS = 4, 16, 64, 4, 3

@@ -11,6 +11,9 @@ import torch  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments  # noqa: E402
 
 from ssdoffload.integrations.huggingface import SSDOffloadCallback  # noqa: E402
+from ssdoffload.io import _native  # noqa: E402
+
+_native.install_crash_handler()  # a rank killed by a signal prints its native stack too
 
 
 def model():
