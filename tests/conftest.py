@@ -1,4 +1,6 @@
 import os
+import signal
+import subprocess
 import sys
 
 import pytest
@@ -61,3 +63,37 @@ def pytest_sessionfinish(session, exitstatus):
             f"\n{len(unexpected)} test(s) skipped for a reason this machine should not have "
             f"(expected: {expected!r}):\n{lines}", red=True)
         session.exitstatus = 1
+
+
+# -- a busy machine ----------------------------------------------------------------------------
+def _start_hog():
+    return subprocess.Popen([sys.executable, "-c", "while True: pass"])
+
+
+def _stop_hog(hog):
+    hog.send_signal(signal.SIGKILL)
+    hog.wait()
+
+
+@pytest.fixture
+def cpu_hog():
+    """A process spinning on a core for the duration of the test (the I/O threads and the
+    compute thread fight for the CPU, as on a busy machine); stopped afterwards."""
+    hog = _start_hog()
+    try:
+        yield hog
+    finally:
+        _stop_hog(hog)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _session_cpu_hog():
+    """``SSDOFFLOAD_CPU_HOG=1``: one spinning process for the whole run (CI's chaos run)."""
+    if os.environ.get("SSDOFFLOAD_CPU_HOG") != "1":
+        yield None
+        return
+    hog = _start_hog()
+    try:
+        yield hog
+    finally:
+        _stop_hog(hog)

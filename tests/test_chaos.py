@@ -9,7 +9,6 @@ process it starts read it (``SSDOFFLOAD_CHAOS=1 python -m pytest tests/test_fuzz
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import textwrap
@@ -37,18 +36,6 @@ def _run(code: str, chaos, timeout: float = 300.0) -> subprocess.CompletedProces
         pytest.fail(f"the child hung (killed after {timeout} s); output:\n{exc.stdout}\n{exc.stderr}")
     assert proc.returncode == 0, f"child exited with {proc.returncode}:\n{proc.stdout}\n{proc.stderr[-6000:]}"
     return proc
-
-
-@pytest.fixture
-def cpu_hog():
-    """A process spinning on a core for the duration of the test (so the I/O threads and the
-    compute thread fight for the CPU, as on a busy machine); stopped afterwards."""
-    hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
-    try:
-        yield hog
-    finally:
-        hog.send_signal(signal.SIGKILL)
-        hog.wait()
 
 
 # -- the native engine -----------------------------------------------------------------------
