@@ -174,7 +174,10 @@ class DrivePlace(Place):
                     pass
             store.close()
 
-        threading.Thread(target=close_when_done, name="ssdoffload-retire", daemon=True).start()
+        try:
+            threading.Thread(target=close_when_done, name="ssdoffload-retire", daemon=True).start()
+        except RuntimeError:  # no thread to spare: wait here (the files must not close under I/O)
+            close_when_done()
 
     def paths(self) -> List[str]:
         store = self._store

@@ -422,12 +422,17 @@ class SpillFile:
         old = self.allocator.capacity
         if new_capacity <= old:
             return
-        if self.grow_timeout is None:
+        growth = None
+        if self.grow_timeout is not None:
+            # The compute thread must not sit in the kernel for ever (a frozen filesystem
+            # blocks fallocate uninterruptibly): the growth runs on a thread of its own...
+            try:
+                growth = _Growth(self.fd, old, new_capacity)
+            except RuntimeError:  # ...unless the process has no thread to spare: grow here
+                growth = None
+        if growth is None:
             _grow(self.fd, old, new_capacity)
         else:
-            # The compute thread must not sit in the kernel for ever (a frozen filesystem
-            # blocks fallocate uninterruptibly): the growth runs on a thread of its own.
-            growth = _Growth(self.fd, old, new_capacity)
             if not growth.done.wait(self.grow_timeout):
                 self._growth = growth  # settled by a later allocate, once the drive answers
                 raise OSError(errno.ETIMEDOUT, f"growing {self.path} got no answer from the drive in "

@@ -444,7 +444,8 @@ def test_dropping_an_unclosed_offloader_never_blocks_the_thread_that_drops_it(ex
     fs.freeze()  # now removing the spill file blocks in the kernel
     try:
         _returns(lambda: (holder.clear(), gc.collect()), "dropping an Offloader")
-        assert _returns(ssdoffload.shutdown.close_dropped, "the next safe point") == 1
+        # (offloaders other tests dropped may be found too)
+        assert _returns(ssdoffload.shutdown.close_dropped, "the next safe point") >= 1
     finally:
         fs.thaw()
     _wait_removed(path)
