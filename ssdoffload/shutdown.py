@@ -190,6 +190,8 @@ def _close_at_exit() -> None:
         except Exception as exc:  # keep closing the others
             log.warning("ssdoffload: closing an offloader at exit failed: %s", exc)
     for teardown in [off._teardown for off in live] + _started:
+        if teardown.owner_pid != os.getpid():
+            continue  # a forked child: the parent's offloaders are the parent's to end
         left = max(0.0, deadline - time.monotonic())
         if not teardown.join(left):
             teardown.warn_unfinished(EXIT_TIMEOUT)
