@@ -395,11 +395,17 @@ class Offloader:
         """The last plans adopted, oldest first (at most 32)."""
         return list(self.adaptive.history) if self.adaptive is not None else []
 
-    def wait(self) -> None:
-        """Block until every write started so far has finished."""
-        if self.enabled and not self._closed:
-            self._release_dead()
-            self.transfers.wait_writes()
+    def wait(self) -> bool:
+        """Block until every write started so far has finished, at most
+        ``OffloadConfig.io_timeout`` (a frozen drive cannot hold the caller); whether they
+        all did (a write still in flight keeps its tensor in memory: nothing is lost)."""
+        if not self.enabled or self._closed:
+            return True
+        self._release_dead()
+        if self.transfers.wait_writes(self.config.io_timeout):
+            return True
+        self.transfers.timed_out("wait() waited for the writes in flight")
+        return False
 
     def stats(self) -> OffloadStats:
         """Cumulative statistics over all steps."""

@@ -464,7 +464,7 @@ class Transfers:
         # the error (a failed file, a warning) must not keep them, collector or not.
         _without_tracebacks(exc)
         if exc.errno == errno.ETIMEDOUT:
-            self._timed_out(f"writing {entry.describe()}")
+            self.timed_out(f"writing {entry.describe()}")
         if entry.extent is not None:
             entry.place.write_failed(entry.extent, exc)
         self._take_location(entry)
@@ -477,14 +477,14 @@ class Transfers:
                 RuntimeWarning, stacklevel=2)
         log.debug("ssdoffload: write of %s failed: %s", entry.describe(), exc)
 
-    def _timed_out(self, what: str) -> None:
+    def timed_out(self, what: str) -> None:
         """The drive did not answer within ``io_timeout``: counted, and said once."""
         self.stats.add(io_timeouts=1)
         if not self._warned_timeout:
             self._warned_timeout = True
-            log.warning("ssdoffload: the drive did not answer within io_timeout=%s s while %s; the "
-                        "tensor stays in memory (is the drive frozen or hung?). Further timeouts are "
-                        "counted in stats().io_timeouts", self.io_timeout, what)
+            log.warning("ssdoffload: the drive did not answer within io_timeout=%s s while %s; what "
+                        "it holds stays in memory (is the drive frozen or hung?). Further timeouts "
+                        "are counted in stats().io_timeouts", self.io_timeout, what)
 
     def _writes_in_flight(self) -> list:
         """The queued writes, oldest first (copied under the lock: asking a direct write
@@ -547,7 +547,7 @@ class Transfers:
                 left = None if deadline is None else max(0.0, deadline - time.monotonic())
                 with _span("ssdoffload.backpressure"):
                     if not wait_for(oldest, left):
-                        self._timed_out("back-pressure waited for a write")
+                        self.timed_out("back-pressure waited for a write")
                         return False
             return True
         finally:

@@ -375,6 +375,7 @@ def test_a_frozen_drive_fails_a_read_clearly_and_the_step_can_be_retried(ext4):
             with off.step():
                 # The first forward's activations are on the drive only, then it freezes.
                 loss = two_forwards(model, settle=lambda: (off.wait(), fs.freeze()))
+                assert off.wait() is False  # the second forward's writes: held by the freeze
                 loss.backward()
         waited = time.monotonic() - t0
         assert waited < IO_TIMEOUT + SLACK_S, f"backward failed only after {waited:.0f} s"
