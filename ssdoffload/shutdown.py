@@ -82,7 +82,7 @@ class Teardown:
         if self.cache is None:
             return []
         reads = [e.read_future for e in self.cache.all_entries() if e.read_future is not None]
-        return [f for f in self.transfers._writes_in_flight() + reads if not f.done()]
+        return [f for f in self.transfers.writes_in_flight() + reads if not f.done()]
 
     def finish(self, failed: bool = False) -> None:
         """The part that may wait on the drive (``doing`` says where it is). ``failed``: the

@@ -486,7 +486,7 @@ class Transfers:
                         "it holds stays in memory (is the drive frozen or hung?). Further timeouts "
                         "are counted in stats().io_timeouts", self.io_timeout, what)
 
-    def _writes_in_flight(self) -> list:
+    def writes_in_flight(self) -> list:
         """The queued writes, oldest first (copied under the lock: asking a direct write
         whether it is done may complete it, which takes the lock again)."""
         with self._pending_lock:
@@ -494,7 +494,7 @@ class Transfers:
 
     def pending_writes(self) -> int:
         """How many queued writes have not finished."""
-        return sum(1 for f in self._writes_in_flight() if not f.done())
+        return sum(1 for f in self.writes_in_flight() if not f.done())
 
     def wait_writes(self, timeout: Optional[float] = None) -> bool:
         """Block until every queued write finished (successfully, failed or skipped), at most
@@ -502,7 +502,7 @@ class Transfers:
         deadline = None if timeout is None else time.monotonic() + timeout
         self.poll()
         while True:
-            queued = self._writes_in_flight()
+            queued = self.writes_in_flight()
             pending = [f for f in queued if not f.done()]
             if len(pending) < len(queued):
                 # Done futures leave here too, not only in their callback: an interrupt between
@@ -539,7 +539,7 @@ class Transfers:
         deadline = None if self.io_timeout is None else time.monotonic() + self.io_timeout
         try:
             while self.stats.resident_now() + nbytes > budget:
-                oldest = next((f for f in self._writes_in_flight() if not f.done()), None)
+                oldest = next((f for f in self.writes_in_flight() if not f.done()), None)
                 if oldest is None:
                     # Every write is done and its memory returned (a write's completion frees
                     # it before the future is done): this reading is final.
