@@ -126,7 +126,10 @@ def _child(tmp_path, bad, body, env=None):
     return _run_until_exit([sys.executable, str(script)], env=env)
 
 
-@pytest.mark.parametrize("how", list(_CASES))
+_HEAVY = {"the Hugging Face callback", "the Lightning callback", "the Megatron wrapper"}  # imports: seconds
+
+
+@pytest.mark.parametrize("how", [pytest.param(h, marks=pytest.mark.slow) if h in _HEAVY else h for h in _CASES])
 def test_a_missing_parent_exits_at_once(tmp_path, how):
     root = tmp_path / "drive"
     root.mkdir()
