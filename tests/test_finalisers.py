@@ -221,7 +221,14 @@ def test_every_sigint_reaches_the_training_loop(tmp_path):
                 line = next_line(f"SIGINT {sent} (sent twice)")
             assert line == f"interrupted {sent}", (line, proc.stderr.read() if proc.poll() is not None else "")
         stop.touch()
-        proc.wait(timeout=120)
+        try:
+            proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            # Hung: faulthandler (PYTHONFAULTHANDLER, conftest) prints every thread's stack on
+            # SIGABRT, and the native crash handler the native one; put them in the failure.
+            proc.send_signal(signal.SIGABRT)
+            proc.wait(timeout=60)
+            pytest.fail(f"the loop did not finish after the last interrupt; its threads:\n{proc.stderr.read()[-12000:]}")
     finally:
         if proc.poll() is None:
             proc.kill()
