@@ -21,7 +21,10 @@ The same type also stands for a request of the native engine that no thread of o
 (``IOFuture.of_request``: the C++ workers do the I/O, submitted straight from the compute
 thread). Its ``fn`` is then the completion (``finish(request)``: checks, state changes), run
 once by whoever first sees the request finished — a waiter (``result``, ``exception``) or a
-poll (``complete_if_done``) — under the same ``_claim`` rule. Such a future cannot be
+poll (``complete_if_done``) — under the same ``_claim`` rule; a Ctrl-C that lands after
+that thread claimed it and before it finished leaves the claim held by that thread, which then
+finishes it at its next look instead of waiting for itself (``_resume``: a training loop hung
+for ever at the next step after 1 interrupt in ~15 runs of 20 under a CPU hog). Such a future cannot be
 cancelled (the request is queued in C++ already); ``done()`` completes it when the request has
 finished, so *done* always means completed.
 """
@@ -42,6 +45,10 @@ log = logging.getLogger("ssdoffload")
 __all__ = ["CancelledError", "IOFuture", "JobPool"]
 
 
+#: ``IOFuture._result`` before the job gave one (a job may return None).
+_NO_OUTCOME = object()
+
+
 class IOFuture:
     """The outcome of one job on a ``JobPool`` (the subset of ``concurrent.futures.Future``
     the offloader uses: ``done``, ``cancel``, ``result``, ``exception``,
@@ -54,12 +61,15 @@ class IOFuture:
         self._request = request  # a native engine request (``of_request``), or None: a pool job
         self._fn: Optional[Callable[..., Any]] = fn
         self._args: Optional[tuple] = args
-        self._claim = _thread.allocate_lock()     # taken once: by cancel(), or by the job's run
+        # Taken once: by cancel(), or by whoever runs the job. An RLock so that a thread can
+        # ask whether it holds it (``_is_owned``): an interrupt can land between the claim and
+        # the end of the run, and that thread must then finish the job, not wait for itself.
+        self._claim = _thread.RLock()
         self._finished = _thread.allocate_lock()  # held until the job is finished
         self._finished.acquire()
         self._done = False
         self._cancelled = False
-        self._result: Any = None
+        self._result: Any = _NO_OUTCOME
         self._exc: Optional[BaseException] = None
         self._callbacks: List[Callable[["IOFuture"], None]] = []
 
@@ -82,6 +92,7 @@ class IOFuture:
     def _execute(self) -> None:
         """(Holding ``_claim``.) Run ``fn``, then finish."""
         fn, args = self._fn, self._args
+        self._fn = None  # from here on ``fn`` counts as started (see ``_resume``)
         try:
             self._result = fn(*args)
         except BaseException as exc:  # handed to whoever asks for the result
@@ -91,9 +102,21 @@ class IOFuture:
     def _finish(self) -> None:
         self._fn = self._args = None  # the job's arguments (storages) are not kept alive
         self._request = None
-        self._done = True
-        self._finished.release()
+        if not self._done:
+            self._done = True
+            self._finished.release()
         self._run_callbacks()
+
+    def _resume(self) -> None:
+        """(This thread holds ``_claim`` and the job is not done: an interrupt landed between
+        its claim and its end.) Run ``fn`` if it never started; else finish, failed if ``fn``
+        gave no outcome. Waiting instead would wait for ourselves, for ever."""
+        if self._fn is not None:
+            self._execute()
+            return
+        if self._exc is None and self._result is _NO_OUTCOME:
+            self._exc = RuntimeError("ssdoffload: interrupted while completing this transfer")
+        self._finish()
 
     # -- a native request ------------------------------------------------------------------
     def complete_if_done(self) -> bool:
@@ -118,15 +141,20 @@ class IOFuture:
         caller (this is the compute thread, not an I/O thread); the future still finishes,
         failed, so nothing waits for it forever."""
         if chaos.ON: chaos.pause()  # SSDOFFLOAD_CHAOS: late (before the claim: an interrupt here leaves it unclaimed)
-        if self._claim.acquire(False):
+        if self._done:
+            return
+        if self._claim._is_owned():  # ours already, not done: we were interrupted in it
+            self._resume()
+        elif self._claim.acquire(False):
             self._execute()
-            exc = self._exc
-            if isinstance(exc, (KeyboardInterrupt, SystemExit)):
-                self._exc = RuntimeError("ssdoffload: interrupted while completing this transfer")
-                raise exc
         elif not self._done:
             self._finished.acquire()
             self._finished.release()
+            return
+        exc = self._exc
+        if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+            self._exc = RuntimeError("ssdoffload: interrupted while completing this transfer")
+            raise exc
 
     def _run_callbacks(self) -> None:
         while True:
@@ -152,7 +180,7 @@ class IOFuture:
         """Stop the job if it has not started; True when it will not run. The future is
         finished (and its callbacks run) by the I/O thread when the queue reaches it. A native
         request is queued in the engine already: never cancelled."""
-        if self._request is not None:
+        if self._request is not None or self._claim._is_owned():  # (a second cancel: False)
             return False
         return self._claim.acquire(False)
 
