@@ -42,7 +42,11 @@ class GroupTiming:
     ``nbytes``: offloadable bytes it saves (storages at least ``min_offload_bytes``, each once);
     ``forward_seconds`` / ``backward_seconds``: its compute time without I/O waits;
     ``input_bytes``: for a layer, the bytes of its tensor inputs (what recomputing it keeps or
-    offloads instead; 0 for the groups between layers, which cannot be recomputed).
+    offloads instead; 0 for the groups between layers, which cannot be recomputed);
+    ``recompute_bytes``: for a layer the *user's* checkpointing recomputes (HF
+    ``gradient_checkpointing_enable``, ``torch.utils.checkpoint``, DeepSpeed's or Megatron's),
+    what its recomputation saves in backward, measured (``recompute_watch``); our hooks never
+    see those tensors, yet backward holds them (0: not recomputed by the user).
     """
 
     nbytes: int
@@ -50,6 +54,7 @@ class GroupTiming:
     backward_seconds: float
     name: str = ""
     input_bytes: int = 0
+    recompute_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -460,7 +465,8 @@ class AdaptivePolicy:
             self._groups = [GroupTiming(nbytes=self._saved_bytes(i, old, new),
                                         forward_seconds=a * new.forward_seconds + (1 - a) * old.forward_seconds,
                                         backward_seconds=a * new.backward_seconds + (1 - a) * old.backward_seconds,
-                                        name=new.name, input_bytes=new.input_bytes or old.input_bytes)
+                                        name=new.name, input_bytes=new.input_bytes or old.input_bytes,
+                                        recompute_bytes=new.recompute_bytes or old.recompute_bytes)
                             for i, (old, new) in enumerate(zip(self._groups, obs.groups))]
         self._write = self._blend(self._write, obs.write_bps)
         self._read = self._blend(self._read, obs.read_bps)
@@ -469,6 +475,11 @@ class AdaptivePolicy:
         """The group's saved bytes as measured (a subclass keeps what a recomputed layer's
         forward cannot show)."""
         return new.nbytes
+
+    def user_recompute_bytes(self, group: int) -> int:
+        """What the user's checkpointing's recomputation of ``group`` saves (measured; 0: none)."""
+        groups = self._groups
+        return groups[group].recompute_bytes if groups is not None and 0 <= group < len(groups) else 0
 
     def _blend(self, old: Optional[float], new: Optional[float]) -> Optional[float]:
         """Running average that follows drops fast (a throttled drive stalls now) and rises

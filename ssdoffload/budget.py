@@ -47,6 +47,7 @@ guarantee stays global: back-pressure compares every resident byte with the whol
 """
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple, Union
@@ -55,6 +56,8 @@ import torch
 
 from .adaptive import AdaptivePolicy, GroupTiming, Plan, Prediction, StepObservation
 from .places import DEVICE, RAM, SSD
+
+log = logging.getLogger("ssdoffload")
 
 RECOMPUTE = "recompute"
 RECOMPUTE_RAM = "recompute+ram"
@@ -76,7 +79,9 @@ class BudgetGroup:
 
     ``saved_bytes``: offloadable bytes it saves when not recomputed; ``input_bytes``: bytes of
     its input (what a recomputed layer keeps or offloads), 0 when it cannot be recomputed;
-    ``recompute_seconds``: its forward again, in backward.
+    ``recompute_seconds``: its forward again, in backward; ``user_recompute_bytes``: what
+    the user's own checkpointing of this layer holds in its backward (recomputed activations
+    our hooks never see: part of its working set whatever the choice).
     """
 
     saved_bytes: int
@@ -86,6 +91,7 @@ class BudgetGroup:
     recompute_seconds: float = 0.0
     recomputable: bool = False
     name: str = ""
+    user_recompute_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -130,13 +136,13 @@ def allowed(group: BudgetGroup, machine: Machine) -> Tuple[str, ...]:
 
 def _effects(g: BudgetGroup, choice: str) -> Tuple[int, int, int, int, float]:
     """(held through forward, working set in its backward, SSD bytes, RAM bytes, extra seconds)."""
-    s, i = g.saved_bytes, g.input_bytes
+    s, i, u = g.saved_bytes, g.input_bytes, g.user_recompute_bytes
     if choice == DEVICE:
-        return s, s, 0, 0, 0.0
+        return s, s + u, 0, 0, 0.0
     if choice == SSD:
-        return 0, s, s, 0, 0.0
+        return 0, s + u, s, 0, 0.0
     if choice == RAM:
-        return 0, s, 0, s, 0.0
+        return 0, s + u, 0, s, 0.0
     r = g.recompute_seconds
     if choice == RECOMPUTE:
         return i, s + i, 0, 0, r
@@ -397,6 +403,24 @@ def _pareto(states):
     return dict(kept)
 
 
+def infeasible_reason(groups: Sequence[BudgetGroup], solved: BudgetPlan, budget: int) -> str:
+    """Why no plan meets ``budget``, with the figures: the lowest peak the model knows and the
+    group whose backward alone needs the most (the user's recomputation named when it is that)."""
+    mib = 1 / (1 << 20)
+    worst = max(range(len(groups)), key=lambda i: _effects(groups[i], solved.choices[i])[1], default=None)
+    text = (f"no plan meets memory_budget={budget * mib:.2f} MiB: the lowest peak this model can be "
+            f"planned to is {solved.cost.peak_bytes * mib:.2f} MiB")
+    if worst is not None:
+        g = groups[worst]
+        need = _effects(g, solved.choices[worst])[1]
+        text += f"; {g.name or f'group {worst}'}'s backward alone holds {need * mib:.2f} MiB"
+        if g.user_recompute_bytes:
+            text += (f", {g.user_recompute_bytes * mib:.2f} MiB of it recomputed by your own gradient "
+                     "checkpointing")
+    return text + ". Raise the budget above that; until then every moment over it is counted " \
+                  "(OffloadStats.budget_overruns)"
+
+
 def _lowest_peak(groups: Sequence[BudgetGroup], budget: int, machine: Machine) -> BudgetPlan:
     """No plan meets the budget: the lowest-peak plan the model knows (everything offloaded to
     the SSD, layers recomputed with their inputs on the SSD where that holds less)."""
@@ -436,6 +460,7 @@ class BudgetPolicy(AdaptivePolicy):
     #: Micro-batches in flight at once (measured: a pipeline stage's warm-up forwards); each
     #: holds what the plan saves, so each gets ``memory_budget / in_flight``.
     in_flight: int = 1
+    _warned_infeasible: bool = False
 
     @property
     def micro_batch_budget(self) -> int:
@@ -464,7 +489,10 @@ class BudgetPolicy(AdaptivePolicy):
         assert self._groups is not None
         return [BudgetGroup(saved_bytes=g.nbytes, forward_seconds=g.forward_seconds,
                             backward_seconds=g.backward_seconds, input_bytes=g.input_bytes,
-                            recompute_seconds=g.forward_seconds, recomputable=g.input_bytes > 0, name=g.name)
+                            recompute_seconds=g.forward_seconds, name=g.name,
+                            # A layer the user already checkpoints is not checkpointed again.
+                            recomputable=g.input_bytes > 0 and not g.recompute_bytes,
+                            user_recompute_bytes=g.recompute_bytes)
                 for g in self._groups]
 
     def machine(self) -> Machine:
@@ -488,6 +516,15 @@ class BudgetPolicy(AdaptivePolicy):
         # Otherwise plan within (1 - headroom) of the budget: measured sizes may move from step
         # to step, and the runtime holds whole tensors where the model holds whole groups.
         solved = solve(groups, int(budget * (1 - self.headroom)), machine)
+        if not solved.feasible:
+            # Only the headroom is in the way: plan at the budget itself (back-pressure holds
+            # the runtime to it) rather than give up on it.
+            at_budget = solve(groups, budget, machine)
+            if at_budget.feasible:
+                solved = at_budget
+        if not solved.feasible and not self._warned_infeasible:
+            self._warned_infeasible = True
+            log.warning("ssdoffload: %s", infeasible_reason(groups, solved, budget))
         return self._as_plan(groups, solved)
 
     def _as_plan(self, groups: Sequence[BudgetGroup], solved: BudgetPlan) -> Plan:
@@ -496,7 +533,11 @@ class BudgetPolicy(AdaptivePolicy):
         prediction = Prediction(stall_seconds=c.stall_seconds, compute_seconds=c.seconds - c.stall_seconds,
                                 peak_device_bytes=c.peak_bytes, ssd_bytes=c.ssd_bytes, ram_bytes=c.ram_bytes,
                                 written_bytes=c.ssd_bytes, read_bytes=c.ssd_bytes)
-        note = "" if solved.feasible else " (no plan meets the budget: the lowest peak the model knows)"
+        note = "" if solved.feasible else f" ({infeasible_reason(groups, solved, self.micro_batch_budget)})"
+        if solved.feasible and solved.budget < self.micro_batch_budget:
+            note += (f" (memory_budget {self.micro_batch_budget / 2**20:.2f} MiB; planned within "
+                     f"{solved.budget / 2**20:.2f} MiB: {1 - solved.budget / self.micro_batch_budget:.0%} "
+                     "headroom, as measured sizes move between steps and whole tensors fill it)")
         if self.in_flight > 1:
             note += (f" ({self.in_flight} micro-batches in flight: {self.micro_batch_budget / 2**20:.1f} MiB "
                      "of the budget each)")

@@ -161,6 +161,10 @@ class OffloadCache:
                 return None
             return entry
 
+    def knows(self, key: Tuple[str, int]) -> bool:
+        """Whether an entry (live or not yet dropped) is indexed under storage ``key``."""
+        return key in self._index
+
     def add(self, key: Tuple[str, int], entry: Entry) -> None:
         """Index a new (RESIDENT) entry; its bytes count as resident from now on."""
         assert entry.state is State.RESIDENT

@@ -6,11 +6,14 @@ in a DeepSpeed JSON block fails before the first step rather than deep inside on
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Sequence, Union
 
 import torch
+
+log = logging.getLogger("ssdoffload")
 
 BACKENDS = ("auto", "native", "kvikio")
 #: ``"adaptive"``: offload what the drive can hide (measured, re-planned); ``"all"``: every
@@ -220,12 +223,21 @@ def _validate_budget(config: "OffloadConfig") -> None:
             raise ValueError("OffloadConfig.policy='budget' needs memory_budget: bytes (e.g. 8 << 30) "
                              "or a fraction of the GPU's memory (e.g. 0.5)")
         return
-    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or budget != budget \
-            or budget <= 0 or (isinstance(budget, float) and budget > 1 and budget != int(budget)):
-        raise ValueError(f"OffloadConfig.memory_budget={budget!r} must be a number of bytes (an int >= 1) "
-                         "or a fraction of the GPU's memory (a float in (0, 1])")
-    if isinstance(budget, float) and budget > 1:  # 8e9 written as a float: bytes
-        config.memory_budget = int(budget)
+    forms = ("memory_budget takes one of two forms: bytes, an int (e.g. 8 << 30 for 8 GiB), or a "
+             "fraction of the GPU's memory, a float in (0, 1] (e.g. 0.5)")
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or budget != budget or budget <= 0:
+        raise ValueError(f"OffloadConfig.memory_budget={budget!r} is not a budget: {forms}")
+    if isinstance(budget, float) and budget > 1:
+        if budget >= 1 << 20 and budget == int(budget):
+            budget = config.memory_budget = int(budget)  # 8e9 from a JSON config: bytes
+        else:
+            # 2.0 is neither 2 bytes nor 200% of the GPU: say what was probably meant.
+            raise ValueError(f"OffloadConfig.memory_budget={budget!r} is a float above 1: {forms}. "
+                             f"Did you mean {max(int(budget), 1)} << 30 bytes ({max(int(budget), 1)} GiB)?")
+    if isinstance(budget, int) and budget < 1 << 20:
+        log.warning("ssdoffload: OffloadConfig.memory_budget=%d bytes is under 1 MiB: almost every activation "
+                    "will wait on the drive. Budgets are in bytes (e.g. 8 << 30) or a fraction of the GPU "
+                    "(0.5)", budget)
     if config.policy == "all":
         raise ValueError("OffloadConfig.memory_budget is set but policy='all' offloads everything; "
                          "leave policy unset (or 'budget') to meet the budget")

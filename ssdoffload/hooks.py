@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 import threading
 import weakref
-from typing import Any, Set, Tuple
+from typing import Any, Optional, Set, Tuple
 
 import torch
 
@@ -30,10 +30,11 @@ from .cache import Entry, Handle, OffloadCache, State
 from .config import OffloadConfig
 from .errors import OffloadError
 from .forks import current_pid
-from .forward_position import ForwardPosition
+from .forward_position import ForwardPosition, group_name
 from .layers import in_backward, is_compiling
 from .placement import Placement
 from .policy import Decision, classify, saved_nbytes
+from .recompute import RecomputedLayers
 from .prefetch import Prefetcher
 from .stats import StatsCollector
 from .transfers import Transfers
@@ -123,13 +124,19 @@ class _KeptBytes:
 
 
 class _Transient:
-    """A recomputation's activations counted as resident: added once, removed once."""
+    """A recomputation's activations counted as resident: added once (grown when measured
+    larger), removed once."""
 
     __slots__ = ("stats", "group", "nbytes")
 
     def __init__(self, stats: StatsCollector, group: int, nbytes: int) -> None:
         self.stats, self.group, self.nbytes = stats, group, nbytes
         stats.resident(nbytes)
+
+    def grow_to(self, nbytes: int) -> None:
+        if nbytes > self.nbytes:
+            self.stats.resident(nbytes - self.nbytes)
+            self.nbytes = nbytes
 
     def close(self) -> None:
         nbytes, self.nbytes = self.nbytes, 0
@@ -142,7 +149,7 @@ class SavedTensorHooks:
 
     def __init__(self, config: OffloadConfig, cache: OffloadCache, transfers: Transfers,
                  prefetcher: Prefetcher, placement: Placement, position: ForwardPosition,
-                 stats: StatsCollector) -> None:
+                 stats: StatsCollector, recomputed: Optional["RecomputedLayers"] = None) -> None:
         self.config = config
         self.cache = cache
         self.transfers = transfers
@@ -150,9 +157,12 @@ class SavedTensorHooks:
         self.placement = placement
         self.position = position
         self.stats = stats
+        self.recomputed = recomputed
         self._kept = _KeptBytes(stats)
         self._recomputing: "weakref.WeakSet" = weakref.WeakSet()  # inputs unpacked for a recompute
         self._recompute_open: dict = {}  # scope -> the _Transient of the recomputation running
+        self._user_recompute: Optional[_Transient] = None  # the user's checkpoint's, running
+        self.packs = 0
         self._pid = os.getpid()  # handles are only good in the process whose threads and files they use
         #: Storages of the model's parameters and buffers (refreshed when a scope opens).
         self.param_keys: Set[Tuple[str, int]] = set()
@@ -161,6 +171,7 @@ class SavedTensorHooks:
         return torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
 
     def pack(self, tensor: torch.Tensor) -> Any:
+        self.packs += 1  # recompute_watch: did a tensor reach us, or did a checkpoint take it?
         if is_compiling():
             # torch.compile tracing a region under our hooks (fake tensors, no storage): keep
             # them out of the graph. At run time the compiled region's own saved tensors come
@@ -198,7 +209,9 @@ class SavedTensorHooks:
             # The budget is full of what cannot leave (kept, or read back): this one goes to
             # the SSD instead of staying, and forward waits for its write.
             place = self.placement.places.drive
-            self.stats.add(budget_diversions=1, budget_overruns=1)
+            self.stats.over_budget(f"a tensor saved in {group_name(scope.group)} that the plan keeps (the "
+                                   "budget is full of what cannot leave: sent to the SSD instead)",
+                                   self.stats.resident_now() + nbytes, budget, diverted=True)
         if not place.offloads:
             self.stats.kept(Decision.LAYER_KEPT.value, nbytes, plan=True)
             kept = Kept(tensor, scope.key, scope.group)
@@ -215,7 +228,9 @@ class SavedTensorHooks:
         self.stats.add(tensors_offloaded=1, offloadable_bytes=entry.nbytes)
         self.transfers.start_write(entry, place)
         if budget is not None and not self.transfers.make_room(0, budget) and place.offloads:
-            self.stats.add(budget_overruns=1)  # nothing left to wait for: over, and counted
+            # Nothing left to wait for: over, and counted.
+            self.stats.over_budget(f"a tensor saved in {group_name(scope.group)} (its write has not "
+                                   "finished and no other is left to wait for)", self.stats.resident_now(), budget)
         return handle
 
     def _count_recompute(self, packed: Any, scope: Any, group: int) -> None:
@@ -226,7 +241,12 @@ class SavedTensorHooks:
         open_ = self._recompute_open.get(scope)
         if open_ is not None and open_.group > group:
             open_.close()
+        user = self._user_recompute
+        if user is not None and user.group > group:
+            self.close_user_recompute()  # backward left that layer: its recomputed tensors are freed
         nbytes = self.placement.recompute_bytes(group)
+        if nbytes and self.recomputed is not None and self.recomputed.runs_as_is(group):
+            nbytes = 0  # refused (a batch norm, a KV cache): nothing is recomputed
         if nbytes and packed not in self._recomputing:
             self._recomputing.add(packed)
             budget = self.placement.memory_budget
@@ -238,8 +258,46 @@ class SavedTensorHooks:
             self._recompute_open[scope] = span
             self.cache.releases.watch(packed, _Transient.close, span)
             budget = self.placement.memory_budget
-            if budget is not None and self.stats.resident_now() > budget:
-                self.stats.add(budget_overruns=1)  # the recomputation itself runs over
+            if budget is not None and self.stats.resident_now() > budget:  # the recomputation runs over
+                self.stats.over_budget(f"the recomputation of {group_name(group)}", self.stats.resident_now(), budget)
+
+    # -- the user's own checkpointing (recompute_watch.RecomputeWatch) -------------------
+    def holds(self, key: Any) -> bool:
+        """Whether our hooks already count storage ``key`` (offloaded, or kept)."""
+        return self.cache.knows(key) or self._kept.holds(key)
+
+    def user_recompute_started(self, group: int) -> None:
+        """Backward runs the forward of the layer of ``group`` again (the user's checkpointing).
+        What it will hold (as measured before) counts as resident from now until the next one
+        starts or the step ends; with a budget, writes in flight make room first, as for our
+        own recomputations."""
+        self.close_user_recompute()
+        nbytes = self.placement.user_recompute_bytes(group)
+        budget = self.placement.memory_budget
+        if nbytes and budget is not None:
+            self.transfers.make_room(nbytes, budget)
+        self._user_recompute = _Transient(self.stats, group, nbytes)
+
+    def user_recompute_seen(self, group: int, nbytes: int, backward: bool) -> None:
+        """The user's checkpointing of the layer of ``group`` has so far dropped (forward) or
+        recomputed (backward) ``nbytes`` that our hooks do not hold: the profiler learns it; in
+        backward the span grows to it if the plan knew less and a budget exceeded is counted."""
+        profiler = self.position.profiler
+        if profiler is not None:
+            profiler.recomputed(group, nbytes)
+        span = self._user_recompute
+        if not backward or span is None or span.group != group:
+            return
+        span.grow_to(nbytes)
+        budget = self.placement.memory_budget
+        if budget is not None and self.stats.resident_now() > budget:
+            self.stats.over_budget(f"the recomputation of {group_name(group)} by your own checkpointing",
+                                   self.stats.resident_now(), budget)
+
+    def close_user_recompute(self) -> None:
+        span, self._user_recompute = self._user_recompute, None
+        if span is not None:
+            span.close()
 
     def unpack(self, packed: Any) -> torch.Tensor:
         kind = type(packed)  # exact types, most common first: one comparison each
@@ -274,5 +332,6 @@ class SavedTensorHooks:
         budget = self.placement.memory_budget
         if budget is not None and self.stats.resident_now() > budget:
             # Read because backward needs it now, over the budget (a plan that cannot fit).
-            self.stats.add(budget_overruns=1)
+            self.stats.over_budget(f"a read of {entry.describe()} that backward needs now",
+                                   self.stats.resident_now(), budget)
         return rebuild(storage, packed.spec)

@@ -35,6 +35,7 @@ from .hooks import SavedTensorHooks
 from .host_ram import HostTier
 from .io import make_engine
 from .layers import LayerTracker, find_layers
+from .recompute_watch import RecomputeWatch
 from .placement import Placement
 from .places import DrivePlace, HostRamPlace, Places
 from .policy import module_storages
@@ -94,6 +95,7 @@ class Offloader:
         self.engine = None
         self.places: Optional[Places] = None
         self.tracker: Optional[LayerTracker] = None
+        self.recompute_watch: Optional[RecomputeWatch] = None
         self.tier: Optional[HostTier] = None
         self.adaptive: Optional[AdaptivePolicy] = None
         self.profiler: Optional[StepProfiler] = None
@@ -150,16 +152,20 @@ class Offloader:
                 # no model): group saved tensors by bytes in pack order instead.
                 self.position.group_bytes = _FIRST_GROUP_BYTES
                 self._group_bytes_fixed = False
-            self.hooks = SavedTensorHooks(config, self.cache, self.transfers, self.prefetcher, self.placement,
-                                          self.position, self._stats)
-            self.tracker = LayerTracker(layers, self.position, self.prefetcher)
             self.recomputed = RecomputedLayers(layers)
+            self.hooks = SavedTensorHooks(config, self.cache, self.transfers, self.prefetcher, self.placement,
+                                          self.position, self._stats, self.recomputed)
+            self.tracker = LayerTracker(layers, self.position, self.prefetcher)
+            # 5. the user's own checkpointing: what its recomputations hold, seen and counted.
+            self.recompute_watch = RecomputeWatch(layers, self.hooks, self.recomputed)
         except BaseException:
             # Half-built: end what was made, here (nothing is in flight), and leave nothing
             # for a finaliser or the exit hook to do.
             self._closed = True
             if self.tracker is not None:
                 self.tracker.remove()
+            if self.recompute_watch is not None:
+                self.recompute_watch.remove()
             if store is not None:
                 store.close(failed=True)  # also removes the directories it made
             elif drive is not None:
@@ -291,6 +297,8 @@ class Offloader:
         ``policy="adaptive"``, feed the step's measurements to the plan (which may change for
         the next step: see ``plan()``)."""
         self._release_dead()
+        if self.enabled and not self._closed:
+            self.hooks.close_user_recompute()  # backward is over: its recomputation too
         if self._layers_silent() and not self._closed:
             # Layer hooks that never fire: the model (or each block) was torch.compile'd, and
             # module hooks traced into a graph do not run per call. Group by bytes instead.
@@ -447,6 +455,8 @@ class Offloader:
             return True
         if self.tracker is not None:
             self.tracker.remove()
+        if self.recompute_watch is not None:
+            self.recompute_watch.remove()
         if self.recomputed is not None:
             self.recomputed.clear()  # the model is the user's again, as it was
         for handle in self._attached:

@@ -46,12 +46,18 @@ class Placement:
             return 0
         return plan.group_bytes[group] if group < len(plan.group_bytes) else 0
 
+    def user_recompute_bytes(self, group: int) -> int:
+        """For a layer the user's own checkpointing recomputes: what its recomputation was
+        measured to save (0: none, or not measured yet)."""
+        return self.adaptive.user_recompute_bytes(group) if self.adaptive is not None else 0
+
     def recompute_reserve(self) -> int:
         """Room read-ahead must leave free: the largest recomputation the plan will run."""
         plan = self.adaptive.plan if self.adaptive is not None else None
         if plan is None:
             return 0
-        return max((self.recompute_bytes(g) for g in range(len(plan.placement))), default=0)
+        return max((max(self.recompute_bytes(g), self.user_recompute_bytes(g))
+                    for g in range(len(plan.placement))), default=0)
 
     def readahead(self) -> Readahead:
         """The configured count, or the plan's window once there is a plan (asked at every

@@ -43,6 +43,7 @@ class StepProfiler:
         self._lock = threading.Lock()
         self._scopes: Dict[Any, _ScopeRecord] = {}
         self._in_flight = 0  # most scopes forwarded and not backwarded at once, since the last take
+        self._recomputed: Dict[int, int] = {}  # layer group -> bytes its user recomputation saved
 
     @staticmethod
     def _mark(cuda: bool) -> Any:
@@ -91,6 +92,13 @@ class StepProfiler:
             if rec is not None:
                 rec.inputs[group] = rec.inputs.get(group, 0) + nbytes
 
+    def recomputed(self, group: int, nbytes: int) -> None:
+        """The user's checkpointing recomputed the layer of ``group`` in backward, saving
+        ``nbytes`` (the most seen since the last ``collect``; not per scope: backward does
+        not say which micro-batch a recomputation belongs to)."""
+        with self._lock:
+            self._recomputed[group] = max(self._recomputed.get(group, 0), nbytes)
+
     def backward(self, key: Any) -> None:
         """Backward of ``key`` is running (an unpack or a layer's gradient trigger)."""
         with self._lock:
@@ -125,6 +133,9 @@ class StepProfiler:
                     if rec.age < 64:  # a scope that never ran backward is dropped eventually
                         keep[key] = rec
             self._scopes = keep
+            recomputed = self._recomputed if ready else {}
+            if ready:
+                self._recomputed = {}
         if not ready:
             return None
         per_scope_stall = stall_seconds / len(ready)
@@ -139,7 +150,7 @@ class StepProfiler:
                         input_bytes=max(r[0][i].input_bytes for r in results),
                         forward_seconds=sum(r[0][i].forward_seconds for r in results) / len(results),
                         backward_seconds=sum(r[0][i].backward_seconds for r in results) / len(results),
-                        name=results[0][0][i].name)
+                        name=results[0][0][i].name, recompute_bytes=recomputed.get(i, 0))
             for i in range(n))
         return groups, sum(r[1] for r in results) / len(results)
 

@@ -30,12 +30,17 @@ log = logging.getLogger("ssdoffload")
 _warned: set = set()
 
 
-def _recomputed(forward: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+def _recomputed(layers: "RecomputedLayers", index: int, forward: Callable[..., Any], *args: Any,
+                **kwargs: Any) -> Any:
     if not torch.is_grad_enabled() or in_backward():
         return forward(*args, **kwargs)
     owner = getattr(forward, "__self__", None)
     why = stateful_call(kwargs, owner if isinstance(owner, torch.nn.Module) else None)
-    if why is not None:
+    if why is None:
+        layers.refused.discard(index)
+    else:
+        # Its activations are saved as usual: no recomputation to count in backward.
+        layers.refused.add(index)
         # Refused, and said once per layer: the layer runs as it is (its activations then go
         # where budget mode's back-pressure puts them, the plan learns it cannot recompute it).
         owner = getattr(forward, "__self__", forward)
@@ -52,6 +57,8 @@ class RecomputedLayers:
     def __init__(self, layers: Sequence[torch.nn.Module]) -> None:
         self.layers = list(layers)
         self._wrapped: Dict[int, Any] = {}  # layer index -> the instance forward it had (or None)
+        #: Layers whose last call was refused (run as is: they save their activations).
+        self.refused: set = set()
 
     @property
     def indices(self) -> frozenset:
@@ -73,9 +80,16 @@ class RecomputedLayers:
         layer = self.layers[i]
         own = layer.__dict__.get("forward")  # an instance forward someone else set, if any
         self._wrapped[i] = own
-        layer.forward = functools.partial(_recomputed, own if own is not None else type(layer).forward.__get__(layer))
+        layer.forward = functools.partial(_recomputed, self, i,
+                                          own if own is not None else type(layer).forward.__get__(layer))
+
+    def runs_as_is(self, group: int) -> bool:
+        """Whether the layer of forward group ``group`` was refused recomputation at its last
+        call (so backward recomputes nothing for it)."""
+        return group % 2 == 1 and (group - 1) // 2 in self.refused
 
     def _unwrap(self, i: int) -> None:
+        self.refused.discard(i)
         layer = self.layers[i]
         own = self._wrapped.pop(i)
         if own is None:

@@ -6,8 +6,11 @@ returns a frozen copy so a reader never sees a half-updated record.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import threading
 from dataclasses import dataclass, field
+
+log = logging.getLogger("ssdoffload")
 
 
 @dataclass
@@ -52,9 +55,12 @@ class OffloadStats:
     #: Seconds the writer / reader waited on max_write_bandwidth / max_read_bandwidth.
     write_throttle_seconds: float = 0.0
     read_throttle_seconds: float = 0.0
-    #: Budget mode: seconds forward waited for writes to stay within memory_budget; tensors
-    #: the plan kept that went to the SSD instead because the budget was full; tensors saved
-    #: over the budget (nothing left to wait for or divert); prefetches deferred by the budget.
+    #: Budget mode: seconds forward waited for writes to stay within memory_budget
+    #: (back-pressure); tensors the plan kept that went to the SSD instead because the budget
+    #: was full (diversions); *moments over the budget* (``budget_overruns``: a save, a read
+    #: backward needed, or a recomputation, after which the offloadable bytes held exceeded the
+    #: budget with nothing left to wait for or divert — each such moment counts once, the
+    #: first of a run is logged with its figures); prefetches deferred by the budget.
     backpressure_seconds: float = 0.0
     budget_diversions: int = 0
     budget_overruns: int = 0
@@ -99,7 +105,10 @@ class OffloadStats:
             f"stall={self.stall_seconds:.4f}s, peak_resident={self.peak_resident_bytes * mib:.1f} MiB, "
             f"write={self.write_bandwidth / 1e9:.2f} GB/s, read={self.read_bandwidth / 1e9:.2f} GB/s"
             f"{f', write_failures={self.write_failures}' if self.write_failures else ''}"
-            f"{f', io_timeouts={self.io_timeouts}' if self.io_timeouts else ''})"
+            f"{f', io_timeouts={self.io_timeouts}' if self.io_timeouts else ''}"
+            f"{f', moments over budget={self.budget_overruns}' if self.budget_overruns else ''}"
+            f"{f', budget diversions={self.budget_diversions}' if self.budget_diversions else ''}"
+            f"{f', back-pressure={self.backpressure_seconds:.4f}s' if self.backpressure_seconds else ''})"
         )
 
 
@@ -112,6 +121,7 @@ class StatsCollector:
     last_step: OffloadStats = field(default_factory=OffloadStats)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _kept: dict = field(default_factory=dict, repr=False)  # (reason, plan) -> [tensors, bytes]
+    _warned_over: bool = field(default=False, repr=False)
 
     def add(self, **deltas) -> None:
         with self._lock:
@@ -146,6 +156,19 @@ class StatsCollector:
                 slot[0] += n
                 slot[1] += nbytes
         self._kept.clear()
+
+    def over_budget(self, where: str, now: int, budget: int, diverted: bool = False) -> None:
+        """A moment over the budget (``where``: what was being held, in words): counted; the
+        first of this offloader's run logged as a warning with the figures."""
+        self.add(budget_overruns=1, budget_diversions=1 if diverted else 0)
+        with self._lock:
+            first, self._warned_over = not self._warned_over, True
+        if first:
+            mib = 1 / (1 << 20)
+            log.warning("ssdoffload: over memory_budget=%.2f MiB by %.2f MiB (%.2f MiB held) at %s. "
+                        "Counted in OffloadStats.budget_overruns (moments over the budget); only the "
+                        "first is logged. The plan adapts if it can; otherwise raise the budget",
+                        budget * mib, (now - budget) * mib, now * mib, where)
 
     def resident_now(self) -> int:
         """Offloadable activation bytes held in memory now (no lock: one int read)."""

@@ -288,12 +288,19 @@ def test_a_kept_plan_over_the_budget_is_diverted_to_the_drive(tmp_path):
     assert forward.budget_overruns >= forward.budget_diversions and stats.budget_overruns > forward.budget_overruns
 
 
-def test_budget_config_is_validated(tmp_path):
+def test_budget_config_is_validated(tmp_path, caplog):
     assert ssdoffload.OffloadConfig(path=str(tmp_path), memory_budget=1 << 30).policy == "budget"
-    for bad, words in [(0, "must be a number of bytes"), (-5, "must be"), (True, "must be"), ("8G", "must be"),
-                       (1.5, "must be")]:
+    for bad, words in [(0, "is not a budget: memory_budget takes one of two forms"), (-5, "is not a budget"),
+                       (-0.5, "is not a budget"), (True, "is not a budget"), ("8G", "is not a budget"),
+                       # 2.0 was read as 2 bytes on d069554: a float above 1 is neither form.
+                       (2.0, r"a float above 1: .*bytes, an int .*fraction of the GPU's memory.*"
+                             r"Did you mean 2 << 30 bytes \(2 GiB\)\?"),
+                       (1.5, r"Did you mean 1 << 30 bytes"), (4096.5, "a float above 1")]:
         with pytest.raises(ValueError, match=words):
             ssdoffload.OffloadConfig(path=str(tmp_path), memory_budget=bad)
+    with caplog.at_level("WARNING", logger="ssdoffload"):
+        ssdoffload.OffloadConfig(path=str(tmp_path), memory_budget=4096)
+    assert "memory_budget=4096 bytes is under 1 MiB" in caplog.text
     with pytest.raises(ValueError, match="needs memory_budget"):
         ssdoffload.OffloadConfig(path=str(tmp_path), policy="budget")
     with pytest.raises(ValueError, match="policy='all' offloads everything"):

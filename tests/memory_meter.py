@@ -1,0 +1,163 @@
+"""Activation memory measured from outside ssdoffload (a test helper; it reads none of the
+library's counters).
+
+``ActivationMeter`` follows, with weak references, every storage that is alive because
+autograd saved it:
+
+* **saved tensors**: a saved-tensor hook pair pushed *on top of* whatever hooks are active
+  (the offloader's, or none) sees every tensor autograd saves, records its storage and hands
+  the tensor on to the hooks below (``torch._C._autograd._top_saved_tensors_default_hooks``).
+  The storage counts until it is freed, whoever holds it: the graph, a kept wrapper, a write
+  in flight, the user's own variables;
+* **recomputation**: what a checkpointed region saves while backward runs it again — torch's
+  non-reentrant checkpoint keeps it in its frame (its ``_recomputation_hook`` is wrapped);
+  reentrant checkpointing saves through the hooks active in backward, which are ours;
+* **reload buffers**: the library's CPU reload buffers are numpy arrays; numpy reports its
+  allocations to ``tracemalloc`` in its own domain, counted from allocation to release.
+
+The peak is sampled at every save, every unpack and every op of the step (a dispatch mode on
+the training thread), so it sees memory at the moments it can be highest.
+"""
+from __future__ import annotations
+
+import contextlib
+import threading
+import tracemalloc
+import weakref
+from typing import Callable, Dict, Optional
+
+import numpy
+import torch
+import torch.utils.checkpoint as torch_checkpoint
+from torch.utils._python_dispatch import TorchDispatchMode
+
+_NUMPY = tracemalloc.DomainFilter(True, numpy.lib.tracemalloc_domain)
+
+
+class ActivationMeter:
+    """Counts live saved storages, recomputed storages and numpy buffers; ``peak`` in bytes.
+
+    ``parameters``: storages never counted (the model's parameters and buffers)."""
+
+    def __init__(self, model: Optional[torch.nn.Module] = None) -> None:
+        self._lock = threading.Lock()
+        self._live: Dict[int, int] = {}  # id(storage object) -> bytes
+        self._reloaded: set = set()  # data pointers of read-back storages that unpack returned
+        self._total = 0
+        self._skip = set()
+        if model is not None:
+            self._skip = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
+        self.peak = 0
+        self.peak_saved = 0
+        self.peak_numpy = 0
+        self._numpy_base = 0
+        self._tracing = False
+        self._numpy_last = 0
+
+    # -- counting ------------------------------------------------------------------------
+    def _track(self, tensor: torch.Tensor) -> None:
+        if not isinstance(tensor, torch.Tensor) or tensor.device.type == "meta":
+            return
+        try:
+            storage = tensor.untyped_storage()
+        except (RuntimeError, NotImplementedError):
+            return
+        ptr = storage.data_ptr()
+        if ptr == 0 or ptr in self._skip or ptr in self._reloaded or storage.nbytes() == 0:
+            return  # a parameter, or a buffer the library read back (counted as numpy memory)
+        key = id(storage)
+        with self._lock:
+            if key in self._live:
+                return
+            self._live[key] = storage.nbytes()
+            self._total += storage.nbytes()
+        weakref.finalize(storage, self._dead, key)
+
+    def _dead(self, key: int) -> None:
+        with self._lock:
+            self._total -= self._live.pop(key, 0)
+
+    def saved_now(self) -> int:
+        return self._total
+
+    def numpy_now(self) -> int:
+        if not self._tracing:
+            return 0
+        snap = tracemalloc.take_snapshot().filter_traces([_NUMPY])
+        return max(0, sum(t.size for t in snap.traces) - self._numpy_base)
+
+    def sample(self, numpy_too: bool = True) -> None:
+        """Take a reading; ``numpy_too=False`` reuses the last numpy figure (a snapshot costs
+        milliseconds: taken where reload buffers come and go, at every unpack)."""
+        saved = self.saved_now()
+        np_bytes = self.numpy_now() if numpy_too else self._numpy_last
+        self._numpy_last = np_bytes
+        self.peak_saved = max(self.peak_saved, saved)
+        self.peak_numpy = max(self.peak_numpy, np_bytes)
+        self.peak = max(self.peak, saved + np_bytes)
+
+    # -- the hooks on top ----------------------------------------------------------------
+    def _pack_over(self, below_pack: Optional[Callable]) -> Callable:
+        def pack(tensor):
+            self._track(tensor)
+            self.sample(numpy_too=torch._C._current_graph_task_id() != -1)  # forward: no reloads
+            return below_pack(tensor) if below_pack is not None else tensor
+        return pack
+
+    def _unpack_over(self, below_unpack: Optional[Callable]) -> Callable:
+        def unpack(packed):
+            out = below_unpack(packed) if below_unpack is not None else packed
+            if isinstance(out, torch.Tensor) and below_unpack is not None:
+                storage = out.untyped_storage()
+                with self._lock:
+                    tracked = id(storage) in self._live
+                if not tracked:  # not the storage saved in forward: a reload buffer
+                    self._reloaded.add(storage.data_ptr())
+            self.sample()
+            return out
+        return unpack
+
+    @contextlib.contextmanager
+    def saving(self):
+        """Push the meter's hooks over the active ones (enter it inside ``off.step()``)."""
+        below = torch._C._autograd._top_saved_tensors_default_hooks(False)
+        below_pack, below_unpack = below if below is not None else (None, None)
+        with torch.autograd.graph.saved_tensors_hooks(self._pack_over(below_pack), self._unpack_over(below_unpack)):
+            yield
+
+    @contextlib.contextmanager
+    def measuring(self):
+        """The whole measured region (enter it around steps): recomputation, numpy buffers
+        and a sample at every op."""
+        meter = self
+        original = torch_checkpoint._recomputation_hook.__init__
+
+        def init(hook_self, *args, **kwargs):
+            original(hook_self, *args, **kwargs)
+            pack = hook_self.pack_hook
+
+            def counted(x):
+                out = pack(x)
+                meter._track(out)
+                meter.sample()
+                return out
+            hook_self.pack_hook = counted
+
+        class Sampler(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                meter.sample(numpy_too=False)
+                return out
+
+        tracemalloc.start(1)
+        self._tracing = True
+        self._numpy_base = 0
+        self._numpy_base = self.numpy_now()
+        torch_checkpoint._recomputation_hook.__init__ = init
+        try:
+            with Sampler():
+                yield self
+        finally:
+            torch_checkpoint._recomputation_hook.__init__ = original
+            self._tracing = False
+            tracemalloc.stop()
