@@ -408,7 +408,7 @@ def infeasible_reason(groups: Sequence[BudgetGroup], solved: BudgetPlan, budget:
     group whose backward alone needs the most (the user's recomputation named when it is that)."""
     mib = 1 / (1 << 20)
     worst = max(range(len(groups)), key=lambda i: _effects(groups[i], solved.choices[i])[1], default=None)
-    text = (f"no plan meets memory_budget={budget * mib:.2f} MiB: the lowest peak this model can be "
+    text = (f"no plan meets the budget (memory_budget={budget * mib:.2f} MiB): the lowest peak this model can be "
             f"planned to is {solved.cost.peak_bytes * mib:.2f} MiB")
     if worst is not None:
         g = groups[worst]

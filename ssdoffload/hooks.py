@@ -1,4 +1,5 @@
-"""The saved-tensor hooks: the only place autograd is touched.
+"""The saved-tensor hooks: with ``recompute_watch`` (which only counts, passing every tensor
+on), the only place autograd is touched.
 
 ``pack`` runs when autograd saves a tensor for backward. It returns a ``Saved`` wrapper (kept:
 parameters, small tensors, ...; see ``policy.py``), a ``Kept`` wrapper (a tensor the plan keeps

@@ -299,6 +299,8 @@ class Offloader:
         self._release_dead()
         if self.enabled and not self._closed:
             self.hooks.close_user_recompute()  # backward is over: its recomputation too
+            if self.recompute_watch is not None:
+                self.recompute_watch.end_step()
         if self._layers_silent() and not self._closed:
             # Layer hooks that never fire: the model (or each block) was torch.compile'd, and
             # module hooks traced into a graph do not run per call. Group by bytes instead.

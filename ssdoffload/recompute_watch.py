@@ -119,6 +119,13 @@ class RecomputeWatch:
         index, backward = local.current
         self.hooks.user_recompute_seen(layer_group(index), local.nbytes, backward)
 
+    def end_step(self) -> None:
+        """The step is over: the next call of any layer starts a new pass (a one-layer model
+        recomputed in two steps' backwards in a row is two recomputations, not one)."""
+        local = self._local
+        if hasattr(local, "current"):
+            local.current = None
+
     def _top_is_ours(self) -> bool:
         top = torch._C._autograd._top_saved_tensors_default_hooks(False)
         return top is None or getattr(top[0], "__self__", None) is self.hooks
