@@ -93,8 +93,10 @@ def test_users_own_checkpointing_is_planned_with_and_the_budget_is_met(tmp_path,
                                 offload_config(str(tmp_path / "a"), memory_budget=budget, min_offload_bytes=4096))
     assert_bit_identical(reference, got)
     assert stats.bytes_written > 0 and stats.bytes_read > 0  # the inputs were offloaded to make room
-    # The first step profiles (everything to the SSD); every step is within the budget.
-    assert max(peaks) <= TOLERANCE * budget, (peaks, budget, plain)
+    # The first step profiles (everything to the SSD) and meets the layers' recomputations
+    # before it has measured them: how far its read-ahead got by then depends on the machine's
+    # speed. Every planned step is within the budget.
+    assert max(peaks[1:]) <= TOLERANCE * budget, (peaks, budget, plain)
     assert "no plan meets" not in caplog.text
 
 
