@@ -46,7 +46,9 @@ class GroupTiming:
     ``recompute_bytes``: for a layer the *user's* checkpointing recomputes (HF
     ``gradient_checkpointing_enable``, ``torch.utils.checkpoint``, DeepSpeed's or Megatron's),
     what its recomputation saves in backward, measured (``recompute_watch``); our hooks never
-    see those tensors, yet backward holds them (0: not recomputed by the user).
+    see those tensors, yet backward holds them (0: not recomputed by the user);
+    ``reload_overhead``: what reading its tensors back allocates beyond ``nbytes``
+    (``reload_buffers``: a page per CPU tensor).
     """
 
     nbytes: int
@@ -55,6 +57,7 @@ class GroupTiming:
     name: str = ""
     input_bytes: int = 0
     recompute_bytes: int = 0
+    reload_overhead: int = 0
 
 
 @dataclass(frozen=True)
@@ -466,7 +469,8 @@ class AdaptivePolicy:
                                         forward_seconds=a * new.forward_seconds + (1 - a) * old.forward_seconds,
                                         backward_seconds=a * new.backward_seconds + (1 - a) * old.backward_seconds,
                                         name=new.name, input_bytes=new.input_bytes or old.input_bytes,
-                                        recompute_bytes=new.recompute_bytes or old.recompute_bytes)
+                                        recompute_bytes=new.recompute_bytes or old.recompute_bytes,
+                                        reload_overhead=max(new.reload_overhead, old.reload_overhead))
                             for i, (old, new) in enumerate(zip(self._groups, obs.groups))]
         self._write = self._blend(self._write, obs.write_bps)
         self._read = self._blend(self._read, obs.read_bps)

@@ -81,7 +81,9 @@ class BudgetGroup:
     its input (what a recomputed layer keeps or offloads), 0 when it cannot be recomputed;
     ``recompute_seconds``: its forward again, in backward; ``user_recompute_bytes``: what
     the user's own checkpointing of this layer holds in its backward (recomputed activations
-    our hooks never see: part of its working set whatever the choice).
+    our hooks never see: part of its working set whatever the choice); ``reload_overhead``:
+    what reading its saved tensors back allocates beyond them (part of the working set of the
+    choices that read them back).
     """
 
     saved_bytes: int
@@ -92,6 +94,7 @@ class BudgetGroup:
     recomputable: bool = False
     name: str = ""
     user_recompute_bytes: int = 0
+    reload_overhead: int = 0
 
 
 @dataclass(frozen=True)
@@ -136,13 +139,13 @@ def allowed(group: BudgetGroup, machine: Machine) -> Tuple[str, ...]:
 
 def _effects(g: BudgetGroup, choice: str) -> Tuple[int, int, int, int, float]:
     """(held through forward, working set in its backward, SSD bytes, RAM bytes, extra seconds)."""
-    s, i, u = g.saved_bytes, g.input_bytes, g.user_recompute_bytes
+    s, i, u, o = g.saved_bytes, g.input_bytes, g.user_recompute_bytes, g.reload_overhead
     if choice == DEVICE:
         return s, s + u, 0, 0, 0.0
     if choice == SSD:
-        return 0, s + u, s, 0, 0.0
+        return 0, s + u + o, s, 0, 0.0
     if choice == RAM:
-        return 0, s + u, 0, s, 0.0
+        return 0, s + u + o, 0, s, 0.0
     r = g.recompute_seconds
     if choice == RECOMPUTE:
         return i, s + i, 0, 0, r
@@ -421,6 +424,16 @@ def infeasible_reason(groups: Sequence[BudgetGroup], solved: BudgetPlan, budget:
                   "(OffloadStats.budget_overruns)"
 
 
+def one_backward_reason(saved_bytes: int, budget: int) -> str:
+    """Why no plan meets ``budget`` for a model compiled as one graph."""
+    mib = 1 / (1 << 20)
+    return (f"no plan meets the budget (memory_budget={budget * mib:.2f} MiB): the model is compiled as one "
+            f"graph, whose backward is one autograd node that reads all {saved_bytes * mib:.2f} MiB it saved "
+            "at once, so offloading cannot lower the peak below that. Compile each block instead "
+            "(block.compile(), as torchtitan does) or raise the budget; until then every moment over "
+            "it is counted (OffloadStats.budget_overruns)")
+
+
 def _lowest_peak(groups: Sequence[BudgetGroup], budget: int, machine: Machine) -> BudgetPlan:
     """No plan meets the budget: the lowest-peak plan the model knows (everything offloaded to
     the SSD, layers recomputed with their inputs on the SSD where that holds less)."""
@@ -460,6 +473,10 @@ class BudgetPolicy(AdaptivePolicy):
     #: Micro-batches in flight at once (measured: a pipeline stage's warm-up forwards); each
     #: holds what the plan saves, so each gets ``memory_budget / in_flight``.
     in_flight: int = 1
+    #: The model runs as one compiled graph (``model.compile()``, ``torch.compile(model)``):
+    #: its backward is one autograd node that reads every tensor it saved at once, so the
+    #: peak is their sum whatever the placement (the offloader sets it when it sees that).
+    one_backward: bool = False
     _warned_infeasible: bool = False
 
     @property
@@ -492,7 +509,7 @@ class BudgetPolicy(AdaptivePolicy):
                             recompute_seconds=g.forward_seconds, name=g.name,
                             # A layer the user already checkpoints is not checkpointed again.
                             recomputable=g.input_bytes > 0 and not g.recompute_bytes,
-                            user_recompute_bytes=g.recompute_bytes)
+                            user_recompute_bytes=g.recompute_bytes, reload_overhead=g.reload_overhead)
                 for g in self._groups]
 
     def machine(self) -> Machine:
@@ -507,6 +524,15 @@ class BudgetPolicy(AdaptivePolicy):
         keep = tuple(DEVICE for _ in groups)
         kept = evaluate(groups, keep, machine)
         budget = self.micro_batch_budget
+        if self.one_backward:
+            # Backward needs everything back at once: offloading moves where the tensors wait
+            # through forward, never the peak. Keep (no I/O), and say whether that fits.
+            solved = BudgetPlan(choices=keep, cost=kept, budget=budget, exact=True,
+                                feasible=kept.peak_bytes <= budget)
+            if not solved.feasible and not self._warned_infeasible:
+                self._warned_infeasible = True
+                log.warning("ssdoffload: %s", one_backward_reason(kept.peak_bytes, budget))
+            return self._as_plan(groups, solved)
         if self._steady and kept.peak_bytes <= budget:
             # Keeping everything has no granularity gap (its peak is the sum of what was
             # measured) and no I/O to fall behind: with sizes that did not move between steps
@@ -533,7 +559,12 @@ class BudgetPolicy(AdaptivePolicy):
         prediction = Prediction(stall_seconds=c.stall_seconds, compute_seconds=c.seconds - c.stall_seconds,
                                 peak_device_bytes=c.peak_bytes, ssd_bytes=c.ssd_bytes, ram_bytes=c.ram_bytes,
                                 written_bytes=c.ssd_bytes, read_bytes=c.ssd_bytes)
-        note = "" if solved.feasible else f" ({infeasible_reason(groups, solved, self.micro_batch_budget)})"
+        if solved.feasible:
+            note = ""
+        elif self.one_backward:
+            note = f" ({one_backward_reason(c.peak_bytes, self.micro_batch_budget)})"
+        else:
+            note = f" ({infeasible_reason(groups, solved, self.micro_batch_budget)})"
         if solved.feasible and solved.budget < self.micro_batch_budget:
             note += (f" (memory_budget {self.micro_batch_budget / 2**20:.2f} MiB; planned within "
                      f"{solved.budget / 2**20:.2f} MiB: {1 - solved.budget / self.micro_batch_budget:.0%} "

@@ -15,7 +15,8 @@ buffer. Every transition is checked against ``_ALLOWED``; a wrong one is a bug a
 ``StateError``. The cache lock guards state, refcounts and the dedup index.
 
 Resident bytes (``OffloadStats.resident_bytes``) follow the states: an entry counts from
-``add`` while its state is in ``HOLDS_MEMORY``, and ``transition`` is the only place that
+``add`` while its state is in ``HOLDS_MEMORY`` (from ``LOADING`` on, with its reload buffer's
+overhead: ``reload_buffers.reload_overhead``), and ``transition`` is the only place that
 changes the count — no caller adds or subtracts by hand.
 
 A ``Handle`` is what the pack hook returns: (entry, view spec). Autograd drops it when the graph
@@ -36,6 +37,7 @@ import torch
 
 from . import chaos
 from .errors import StateError
+from .reload_buffers import reload_overhead
 from .releases import ReleaseQueue
 from .stats import StatsCollector
 from .views import StorageToken, ViewSpec
@@ -100,6 +102,7 @@ class Entry:
     checksums: Optional[List[int]] = None  # with verify: CRC-32C of each written piece
     prefetched: bool = False
     served: bool = False           # unpacked at least once (prefetch hit/miss counted)
+    overhead: int = 0              # bytes its reload buffer holds beyond nbytes (reload_buffers)
     id: int = field(default_factory=lambda: next(_ids))
 
     def describe(self) -> str:
@@ -145,9 +148,14 @@ class OffloadCache:
         if new not in _ALLOWED[old]:
             raise StateError(f"{entry.describe()}: illegal transition {old.value} -> {new.value}")
         entry.state = new
-        held, holds = old in HOLDS_MEMORY, new in HOLDS_MEMORY
-        if held != holds:
-            self.stats.resident(entry.nbytes if holds else -entry.nbytes)
+        before = entry.nbytes + entry.overhead if old in HOLDS_MEMORY else 0
+        if new is State.LOADING:  # a reload buffer is allocated for it next: its page counts too
+            entry.overhead = reload_overhead(entry.nbytes, entry.device)
+        elif new not in HOLDS_MEMORY:
+            entry.overhead = 0
+        after = entry.nbytes + entry.overhead if new in HOLDS_MEMORY else 0
+        if after != before:
+            self.stats.resident(after - before)
 
     # -- dedup ---------------------------------------------------------------------------
     def lookup(self, key: Tuple[str, int], tensor: torch.Tensor, scope: Any) -> Optional[Entry]:

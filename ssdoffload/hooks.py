@@ -36,6 +36,7 @@ from .layers import in_backward, is_compiling
 from .placement import Placement
 from .policy import Decision, classify, saved_nbytes
 from .recompute import RecomputedLayers
+from .reload_buffers import reload_overhead
 from .prefetch import Prefetcher
 from .stats import StatsCollector
 from .transfers import Transfers
@@ -205,7 +206,7 @@ class SavedTensorHooks:
             place = self.placement.place_for(scope.group)
             profiler = self.position.profiler
             if profiler is not None:  # new bytes this step (dedup hits and kept storages are not)
-                profiler.saved(scope.key, scope.group, nbytes)
+                profiler.saved(scope.key, scope.group, nbytes, reload_overhead(nbytes, tensor.device))
         if budget is not None and not self.transfers.make_room(nbytes, budget) and not place.offloads:
             # The budget is full of what cannot leave (kept, or read back): this one goes to
             # the SSD instead of staying, and forward waits for its write.

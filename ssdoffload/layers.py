@@ -5,6 +5,13 @@ together. Forward pre/post hooks move the current micro-batch scope to a new gro
 the gradient of each layer output fires just before that layer's backward starts, which is
 when the prefetcher reads the layers below it.
 
+A layer compiled in place (``layer.compile()``, torchtitan's way) runs its hooks inside its
+compiled graph, where they do not run per call. ``LayerTracker.follow_compiled`` (at every
+scope's start) puts an eager call around such a layer's compiled call that does what the
+hooks would; a layer replaced by ``torch.compile(layer)`` (an ``OptimizedModule``) runs its
+own hooks eagerly already. A compiled layer saves its tensors when its compiled forward ends
+and its backward (one autograd node) reads all of them at once: one group, whole.
+
 Nothing here acts during backward (``torch._C._current_graph_task_id() != -1``): a
 checkpointed layer runs its forward again there, and those recomputed tensors are not ours.
 """
@@ -12,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import sys
 import weakref
 from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence
 
@@ -67,9 +75,27 @@ def updates_buffers(module: torch.nn.Module) -> Optional[str]:
     return None
 
 
+def compiled(module: torch.nn.Module) -> bool:
+    """Whether ``module`` runs as a torch.compile'd graph (in place or wrapped)."""
+    if module.__dict__.get("_compiled_call_impl") is not None:
+        return True
+    # Looked up, not imported: importing Dynamo takes seconds, and nothing is wrapped by it
+    # before something imported it.
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")
+    return eval_frame is not None and isinstance(module, eval_frame.OptimizedModule)
+
+
+#: Why the offloader does not checkpoint a compiled layer.
+COMPILED_REFUSAL = ("it is torch.compile'd: a checkpoint put around it would be traced into its graph "
+                    "(or recompute the whole compiled call); apply activation checkpointing before "
+                    "compiling, as torchtitan does, and the plan offloads the rest")
+
+
 def stateful_call(kwargs: dict, module: Optional[torch.nn.Module] = None) -> Optional[str]:
     """Why a layer called with ``kwargs`` must not be recomputed (None: it may be)."""
     if module is not None:
+        if compiled(module):
+            return COMPILED_REFUSAL
         why = updates_buffers(module)
         if why is not None:
             return why
@@ -110,6 +136,20 @@ class LayerTracker:
             self._handles.append(module.register_forward_pre_hook(self._pre_hook, with_kwargs=True))
             self._handles.append(module.register_forward_hook(self._post_hook))
 
+    def follow_compiled(self) -> None:
+        """Put an eager call around the compiled call of every layer compiled in place since
+        the last look (see the module docstring); cheap: one dictionary read per layer."""
+        for module in self.layers:
+            impl = module.__dict__.get("_compiled_call_impl")
+            if impl is not None and not isinstance(impl, _TrackedCompiledCall):
+                module._compiled_call_impl = _TrackedCompiledCall(self, module, impl)
+
+    def _stop_following_compiled(self) -> None:
+        for module in self.layers:
+            impl = module.__dict__.get("_compiled_call_impl")
+            if isinstance(impl, _TrackedCompiledCall) and impl.tracker is self:
+                module._compiled_call_impl = impl.compiled
+
     def index_of(self, module: torch.nn.Module) -> int:
         return self._index[id(module)]
 
@@ -147,6 +187,25 @@ class LayerTracker:
         for h in self._handles:
             h.remove()
         self._handles = []
+        self._stop_following_compiled()
+
+
+class _TrackedCompiledCall:
+    """A layer's compiled call (``module._compiled_call_impl``, what ``module(...)`` runs once
+    ``module.compile()`` was called) with the tracker's two hooks run eagerly around it."""
+
+    def __init__(self, tracker: LayerTracker, module: torch.nn.Module, compiled_call: Callable) -> None:
+        self.tracker = tracker
+        self.module = module
+        self.compiled = compiled_call
+
+    def __call__(self, *args, **kwargs):
+        if is_compiling():  # traced as part of a larger compiled region: nothing per call
+            return self.compiled(*args, **kwargs)
+        self.tracker._pre_hook(self.module, args, kwargs)
+        output = self.compiled(*args, **kwargs)
+        self.tracker._post_hook(self.module, args, output)
+        return output
 
 
 def _input_bytes(args) -> int:

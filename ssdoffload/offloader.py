@@ -34,7 +34,7 @@ from .forward_scopes import ForwardScopes
 from .hooks import SavedTensorHooks
 from .host_ram import HostTier
 from .io import make_engine
-from .layers import LayerTracker, find_layers
+from .layers import LayerTracker, compiled, find_layers
 from .recompute_watch import RecomputeWatch
 from .placement import Placement
 from .places import DrivePlace, HostRamPlace, Places
@@ -255,6 +255,10 @@ class Offloader:
         try:
             self._release_dead()
             self.prefetcher.forget(key)
+            if self.tracker is not None:
+                self.tracker.follow_compiled()  # a layer compiled since the last scope
+            if self.model is not None and compiled(self.model):
+                self._one_compiled_graph()
             # The modules are listed once (walking the tree each step cost ~5 us per saved tensor
             # of a small model); their parameters and buffers are read again every scope, as
             # FSDP2 swaps them. Modules added to the model later are not seen: their parameters
@@ -312,12 +316,22 @@ class Offloader:
                         "(block.compile(), as torchtitan does)", len(self.layers))
             self.position.group_bytes = _FIRST_GROUP_BYTES
             self._group_bytes_fixed = False
+            # Compiled blocks are followed (LayerTracker.follow_compiled): layers unseen means
+            # they run inside a larger compiled region.
+            self._one_compiled_graph()
             self._size_byte_groups()
         elif self._groups_by_bytes() and not self._group_bytes_fixed and not self._closed:
             self._size_byte_groups()
         elif self.adaptive is not None and not self._closed:
             self._replan()
         return self._stats.end_step()
+
+    def _one_compiled_graph(self) -> None:
+        """The model runs as one compiled graph: budget mode plans with its one backward node."""
+        if isinstance(self.adaptive, BudgetPolicy) and not self.adaptive.one_backward:
+            self.adaptive.one_backward = True
+            log.info("ssdoffload: the model is compiled as one graph; its backward reads every saved "
+                     "tensor at once, and the budget plan counts them all at once")
 
     def _layers_silent(self) -> bool:
         """Layers are tracked, this step offloaded tensors, yet no layer was ever entered."""

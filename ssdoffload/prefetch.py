@@ -18,6 +18,7 @@ from typing import Any, Dict, Optional
 from .cache import OffloadCache, State
 from .profiling import StepProfiler
 from .readahead import Readahead, groups_to_load
+from .reload_buffers import reload_overhead
 from .transfers import Transfers
 
 
@@ -95,7 +96,8 @@ class Prefetcher:
         for g in sorted(groups, reverse=True):
             for entry in self.cache.entries(scope, g):
                 if budget is not None and entry.state is State.ON_DISK and \
-                        self.transfers.stats.resident_now() + entry.nbytes > budget:
+                        self.transfers.stats.resident_now() + entry.nbytes + \
+                        reload_overhead(entry.nbytes, entry.device) > budget:
                     # Reading ahead would run over the budget: the rest is read when needed.
                     self.transfers.stats.add(prefetches_deferred=1)
                     return started, g

@@ -30,6 +30,7 @@ class _ScopeRecord:
     marks: List[Tuple[int, Any]] = field(default_factory=list)   # (group, mark) in forward order
     nbytes: Dict[int, int] = field(default_factory=dict)
     inputs: Dict[int, int] = field(default_factory=dict)  # layer group -> bytes of its tensor inputs
+    overhead: Dict[int, int] = field(default_factory=dict)  # group -> its reload buffers' extra bytes
     bwd_start: Any = None
     bwd_end: Any = None
     age: int = 0
@@ -77,13 +78,16 @@ class StepProfiler:
         if rec is not None and rec.bwd_start is None:
             rec.marks.append((group, self._mark(rec.cuda)))
 
-    def saved(self, key: Any, group: int, nbytes: int) -> None:
+    def saved(self, key: Any, group: int, nbytes: int, reload_overhead: int = 0) -> None:
         """New offloadable bytes were saved in ``group`` (the hooks call this once per storage
-        and step: not for dedup hits or storages a kept tensor already holds)."""
+        and step: not for dedup hits or storages a kept tensor already holds); reading them
+        back would allocate ``reload_overhead`` bytes more (``reload_buffers``)."""
         with self._lock:
             rec = self._scopes.get(key)
             if rec is not None:
                 rec.nbytes[group] = rec.nbytes.get(group, 0) + nbytes
+                if reload_overhead:
+                    rec.overhead[group] = rec.overhead.get(group, 0) + reload_overhead
 
     def layer_input(self, key: Any, group: int, nbytes: int) -> None:
         """The layer whose forward is ``group`` was called with ``nbytes`` of tensor inputs."""
@@ -148,6 +152,7 @@ class StepProfiler:
         groups = tuple(
             GroupTiming(nbytes=max(r[0][i].nbytes for r in results),
                         input_bytes=max(r[0][i].input_bytes for r in results),
+                        reload_overhead=max(r[0][i].reload_overhead for r in results),
                         forward_seconds=sum(r[0][i].forward_seconds for r in results) / len(results),
                         backward_seconds=sum(r[0][i].backward_seconds for r in results) / len(results),
                         name=results[0][0][i].name, recompute_bytes=recomputed.get(i, 0))
@@ -179,6 +184,7 @@ class StepProfiler:
             return None
         ratio = t_bwd / t_fwd if t_bwd > 0 else 2.0
         groups = tuple(GroupTiming(nbytes=rec.nbytes.get(g, 0), input_bytes=rec.inputs.get(g, 0),
+                                   reload_overhead=rec.overhead.get(g, 0),
                                    forward_seconds=fwd[g],
                                    backward_seconds=fwd[g] * ratio, name=group_name(g, by_bytes))
                        for g in range(last + 1))

@@ -22,7 +22,7 @@ from typing import Any, Callable, Dict, Iterable, Sequence
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from .layers import in_backward, stateful_call
+from .layers import COMPILED_REFUSAL, compiled, in_backward, stateful_call
 
 log = logging.getLogger("ssdoffload")
 
@@ -78,6 +78,15 @@ class RecomputedLayers:
 
     def _wrap(self, i: int) -> None:
         layer = self.layers[i]
+        if compiled(layer):
+            # Its forward runs inside the compiled graph, where a checkpoint would be traced
+            # (not run per call): refused here, before any call (a plan made before the layer
+            # was compiled may still choose it).
+            self.refused.add(i)
+            if id(layer) not in _warned:
+                _warned.add(id(layer))
+                log.warning("ssdoffload: not recomputing %s: %s", type(layer).__name__, COMPILED_REFUSAL)
+            return
         own = layer.__dict__.get("forward")  # an instance forward someone else set, if any
         self._wrapped[i] = own
         layer.forward = functools.partial(_recomputed, self, i,

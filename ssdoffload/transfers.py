@@ -61,25 +61,13 @@ from .errors import IntegrityError, OffloadError, SpillReadError, WriteAbandoned
 from .io import byte_view
 from .io.jobs import CancelledError, IOFuture
 from .places import Place
+from .reload_buffers import reload_buffer
 from .stats import StatsCollector, Timeline
 from .views import ViewSpec
 
 log = logging.getLogger("ssdoffload")
 
 
-def reload_buffer(nbytes: int, device: torch.device) -> torch.Tensor:
-    """A buffer to read ``nbytes`` back into. On the CPU it starts on a page boundary, so the
-    engine reads straight into it with O_DIRECT (torch's allocator aligns to 64 bytes, which
-    sends every read through the engine's bounce buffer at about half the speed); its storage
-    is exactly ``nbytes`` long and starts at the buffer, like ``torch.empty``'s."""
-    if device.type != "cpu" or nbytes < _PAGE:
-        return torch.empty(nbytes, dtype=torch.uint8, device=device)
-    raw = numpy.empty(nbytes + _PAGE, dtype=numpy.uint8)
-    skip = (-raw.ctypes.data) % _PAGE
-    return torch.from_numpy(raw[skip:skip + nbytes])
-
-
-_PAGE = 4096
 
 
 def wait_for(fut: IOFuture, timeout: Optional[float] = None) -> bool:

@@ -12,8 +12,11 @@ autograd saved it:
 * **recomputation**: what a checkpointed region saves while backward runs it again — torch's
   non-reentrant checkpoint keeps it in its frame (its ``_recomputation_hook`` is wrapped);
   reentrant checkpointing saves through the hooks active in backward, which are ours;
-* **reload buffers**: the library's CPU reload buffers are numpy arrays; numpy reports its
-  allocations to ``tracemalloc`` in its own domain, counted from allocation to release.
+* **reload buffers**: the library's CPU reload buffers are numpy arrays (``numpy.empty``):
+  while measuring, ``numpy.empty`` is wrapped to follow each array it returns with a weak
+  reference, counted from allocation to release. (Not ``tracemalloc``, which did the same
+  through numpy's allocation domain until it crashed a rank: CPython 3.11's tracemalloc
+  segfaults when a C thread without a Python thread state — gloo's — creates one.)
 
 The peak is sampled at every save, every unpack and every op of the step (a dispatch mode on
 the training thread), so it sees memory at the moments it can be highest.
@@ -22,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import threading
-import tracemalloc
 import weakref
 from typing import Callable, Dict, Optional
 
@@ -31,7 +33,6 @@ import torch
 import torch.utils.checkpoint as torch_checkpoint
 from torch.utils._python_dispatch import TorchDispatchMode
 
-_NUMPY = tracemalloc.DomainFilter(True, numpy.lib.tracemalloc_domain)
 
 
 class ActivationMeter:
@@ -40,19 +41,25 @@ class ActivationMeter:
     ``parameters``: storages never counted (the model's parameters and buffers)."""
 
     def __init__(self, model: Optional[torch.nn.Module] = None) -> None:
-        self._lock = threading.Lock()
+        # Re-entrant: a collection inside a counted section may run a finaliser that counts.
+        self._lock = threading.RLock()
         self._live: Dict[int, int] = {}  # id(storage object) -> bytes
         self._reloaded: set = set()  # data pointers of read-back storages that unpack returned
         self._total = 0
         self._skip = set()
         if model is not None:
-            self._skip = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
+            # A DTensor (FSDP2's sharded parameter) has no storage of its own: its local shard's.
+            self._skip = {(t.to_local() if type(t).__name__ == "DTensor" else t).untyped_storage().data_ptr()
+                          for t in list(model.parameters()) + list(model.buffers())}
         self.peak = 0
         self.peak_saved = 0
         self.peak_numpy = 0
-        self._numpy_base = 0
         self._tracing = False
         self._numpy_last = 0
+        self._numpy_total = 0
+        self._held: list = []  # storages of parameters modules held in forward (strong refs)
+        self._held_ids: set = set()
+        self._handles: list = []
 
     # -- counting ------------------------------------------------------------------------
     def _track(self, tensor: torch.Tensor) -> None:
@@ -63,7 +70,7 @@ class ActivationMeter:
         except (RuntimeError, NotImplementedError):
             return
         ptr = storage.data_ptr()
-        if ptr == 0 or ptr in self._skip or ptr in self._reloaded or storage.nbytes() == 0:
+        if ptr == 0 or ptr in self._skip or ptr in self._reloaded or storage.nbytes() == 0 or id(storage) in self._held_ids:
             return  # a parameter, or a buffer the library read back (counted as numpy memory)
         key = id(storage)
         with self._lock:
@@ -81,20 +88,48 @@ class ActivationMeter:
         return self._total
 
     def numpy_now(self) -> int:
-        if not self._tracing:
-            return 0
-        snap = tracemalloc.take_snapshot().filter_traces([_NUMPY])
-        return max(0, sum(t.size for t in snap.traces) - self._numpy_base)
+        return self._numpy_total if self._tracing else 0
+
+    def _numpy_empty_over(self, empty: Callable) -> Callable:
+        def counted_empty(*args, **kwargs):
+            array = empty(*args, **kwargs)
+            with self._lock:
+                self._numpy_total += array.nbytes
+            weakref.finalize(array, self._numpy_dead, array.nbytes)
+            return array
+        return counted_empty
+
+    def _numpy_dead(self, nbytes: int) -> None:
+        with self._lock:
+            self._numpy_total -= nbytes
 
     def sample(self, numpy_too: bool = True) -> None:
-        """Take a reading; ``numpy_too=False`` reuses the last numpy figure (a snapshot costs
-        milliseconds: taken where reload buffers come and go, at every unpack)."""
+        """Take a reading; ``numpy_too=False`` reuses the last numpy figure (taken where reload
+        buffers come and go, at every unpack)."""
         saved = self.saved_now()
         np_bytes = self.numpy_now() if numpy_too else self._numpy_last
         self._numpy_last = np_bytes
         self.peak_saved = max(self.peak_saved, saved)
         self.peak_numpy = max(self.peak_numpy, np_bytes)
         self.peak = max(self.peak, saved + np_bytes)
+
+    def skip_parameters_held_by(self, model: torch.nn.Module) -> None:
+        """Also never count the parameters ``model``'s modules hold while they run: FSDP2's
+        unsharded parameters, gathered just before a module's forward (FSDP2's hook runs before
+        ours) and saved by it; they are parameters, not activations. ``close()`` removes it."""
+        def remember(module, args):
+            for p in module.parameters():
+                if type(p).__name__ != "DTensor":
+                    storage = p.untyped_storage()
+                    self._held.append(storage)  # kept alive: its id stays its own
+                    self._held_ids.add(id(storage))
+        self._handles += [m.register_forward_pre_hook(remember) for m in model.modules()
+                          if any(True for _ in m.parameters(recurse=False))]
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles, self._held = [], []
 
     # -- the hooks on top ----------------------------------------------------------------
     def _pack_over(self, below_pack: Optional[Callable]) -> Callable:
@@ -126,9 +161,11 @@ class ActivationMeter:
             yield
 
     @contextlib.contextmanager
-    def measuring(self):
+    def measuring(self, per_op: bool = True):
         """The whole measured region (enter it around steps): recomputation, numpy buffers
-        and a sample at every op."""
+        and a sample at every op. ``per_op=False`` for torch.compile'd models: Dynamo runs a
+        frame eagerly while a dispatch mode is active, so the sampler would measure the eager
+        model; samples are then taken at every save and unpack only."""
         meter = self
         original = torch_checkpoint._recomputation_hook.__init__
 
@@ -149,15 +186,14 @@ class ActivationMeter:
                 meter.sample(numpy_too=False)
                 return out
 
-        tracemalloc.start(1)
+        original_empty = numpy.empty
+        numpy.empty = self._numpy_empty_over(original_empty)
         self._tracing = True
-        self._numpy_base = 0
-        self._numpy_base = self.numpy_now()
         torch_checkpoint._recomputation_hook.__init__ = init
         try:
-            with Sampler():
+            with (Sampler() if per_op else contextlib.nullcontext()):
                 yield self
         finally:
             torch_checkpoint._recomputation_hook.__init__ = original
             self._tracing = False
-            tracemalloc.stop()
+            numpy.empty = original_empty

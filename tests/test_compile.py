@@ -23,6 +23,20 @@ def _compiled(model, mode, backend):
     return torch.compile(model, fullgraph=(mode == "fullgraph"), backend=backend)
 
 
+def _step_and_compare(off, i, offloaded, reference):
+    """One training step of each (model, compiled callable) pair, the first under ``off``;
+    gradients compared bitwise, then zeroed."""
+    (model, cm), (ref, cr) = offloaded, reference
+    t, y = synthetic_batch(CFG, 4, torch.device("cpu"), seed=i)
+    with off.step():
+        cm(t, y).backward()
+    cr(t, y).backward()
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        assert torch.equal(p.grad, q.grad), f"step {i}: {name}.grad differs"
+    model.zero_grad(set_to_none=True)
+    ref.zero_grad(set_to_none=True)
+
+
 def _run(mode, backend, spill_dir, caplog):
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
@@ -40,17 +54,13 @@ def _run(mode, backend, spill_dir, caplog):
     cfg = ssdoffload.OffloadConfig(path=spill_dir, min_offload_bytes=1024, policy="all")
     with ssdoffload.Offloader(model, cfg) as off:
         for i in range(3):
-            t, y = synthetic_batch(CFG, 4, torch.device("cpu"), seed=i)
-            with off.step():
-                cm(t, y).backward()
-            cr(t, y).backward()
-            for (name, p), q in zip(model.named_parameters(), ref.parameters()):
-                assert torch.equal(p.grad, q.grad), f"step {i}: {name}.grad differs"
-            model.zero_grad(set_to_none=True)
-            ref.zero_grad(set_to_none=True)
+            _step_and_compare(off, i, (model, cm), (ref, cr))
             assert off.last_step_stats().tensors_offloaded > 0, f"step {i} offloaded nothing"
-        assert off.position.group_bytes is not None  # layer hooks are traced away: bytes group
-    assert any("did not run" in r.message for r in caplog.records)
+        if mode == "per-block":  # each compiled block is followed as a layer (one group each)
+            assert off.position.group_bytes is None and off.position.layer_seen
+        else:  # layer hooks are traced into the model's graph: saved tensors grouped by bytes
+            assert off.position.group_bytes is not None
+    assert any("did not run" in r.message for r in caplog.records) == (mode != "per-block")
     assert dict(torch._dynamo.utils.counters["graph_break"]) == {}
 
 
@@ -70,3 +80,25 @@ def test_inductor(mode, spill_dir, caplog):
         _run(mode, "inductor", spill_dir, caplog)
     finally:
         torch.set_num_threads(threads)
+
+
+def test_a_compiled_block_is_not_recomputed_and_says_why(spill_dir, caplog):
+    """A plan that recomputes a block compiled in place (pinned: budget mode never chooses it,
+    the block reports no recomputable input): our checkpoint would be traced into its graph.
+    Refused with the reason, once; the block runs as compiled, gradients bit-identical, and
+    no recomputation is counted against the budget."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = GPT(CFG)
+    ref = copy.deepcopy(model)
+    cm, cr = _compiled(model, "per-block", "aot_eager"), _compiled(ref, "per-block", "aot_eager")
+    caplog.set_level(logging.WARNING, logger="ssdoffload")
+    cfg = ssdoffload.OffloadConfig(path=spill_dir, min_offload_bytes=1024, memory_budget=1 << 30)
+    with ssdoffload.Offloader(model, cfg) as off:
+        for i in range(3):
+            if i == 1:
+                off.set_plan(["device", "recompute"] * CFG.layers + ["device"])
+            _step_and_compare(off, i, (model, cm), (ref, cr))
+        assert off.stats().budget_overruns == 0
+    refusals = [r.message for r in caplog.records if "not recomputing" in r.message]
+    assert len(refusals) == CFG.layers and all("torch.compile'd" in m for m in refusals), refusals

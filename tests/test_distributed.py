@@ -136,6 +136,26 @@ def check(reports: list, spill_dir: str, mode: str) -> None:
     assert not leftovers, f"spill files left behind: {leftovers}"
 
 
+def check_budget(reports) -> None:
+    """Budget mode on each rank: bit-identical to the run without offloading, a plan of its
+    own, and each step's activation peak, measured from outside the library, within
+    ``BUDGET_FRACTION`` of the rank's plain peak (x 1.10, as tests/test_budget_outside.py)."""
+    for report in reports:
+        who = f"{report['mode']} rank {report['rank']}"
+        budget, run = report["memory_budget"], report["budget"]
+        assert not report["budget_vs_plain"], (
+            f"{who}: budget mode changed the numbers:\n  " + "\n  ".join(report["budget_vs_plain"]))
+        assert 0 < budget < max(report["measured"]["peaks"]), (who, budget, report["measured"]["peaks"])
+        assert run["plan"] is not None, f"{who}: no plan after {len(run['peaks'])} steps"
+        total = run["total"]
+        assert total["bytes_written"] > 0 and total["bytes_read"] > 0, f"{who}: {total}"
+        assert max(run["peaks"]) <= 1.10 * budget, (
+            f"{who}: measured peaks {run['peaks']} over memory_budget={budget} "
+            f"(plain {report['measured']['peaks']}); plan {run['plan']['describe']}")
+        assert total["budget_overruns"] == 0, f"{who}: {total}"
+        assert run["leftovers"] == [], f"{who}: spill files left after close(): {run['leftovers']}"
+
+
 @pytest.mark.slow
 def test_fsdp2_fully_shard_two_ranks(spill_dir, tmp_path):
     reports = launch("fsdp2", spill_dir, str(tmp_path / "out"))
@@ -146,6 +166,7 @@ def test_fsdp2_fully_shard_two_ranks(spill_dir, tmp_path):
     saved = reports[0]["plain"]["expected"][0]["saved"]
     assert any(r["kind"] == "param" and not r["is_parameter"] and r["storage_bytes"] >= 4096 for r in saved)
     check(reports, spill_dir, "fsdp2")
+    check_budget(reports)
 
 
 @pytest.mark.slow
@@ -153,3 +174,4 @@ def test_ddp_two_ranks(spill_dir, tmp_path):
     reports = launch("ddp", spill_dir, str(tmp_path / "out"))
     assert reports[0]["plain"]["grad_shapes"]["blocks.0.fc1.weight"] == [256, 64]
     check(reports, spill_dir, "ddp")
+    check_budget(reports)

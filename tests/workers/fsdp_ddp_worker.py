@@ -11,7 +11,13 @@ seed and on the same per-rank data (different data on each rank):
 3. ``offload``: the ``Offloader`` (``policy="all"``, path ``<spill>/<mode>/{rank}``). Between
    forward and backward, still inside ``off.step()``, ``off.wait()`` and then the spill files
    are scanned for the bytes of every (full, unsharded) parameter, and for the input batch as
-   a positive control of the scan.
+   a positive control of the scan;
+4. ``measured``: no offloading, each step's activation peak measured from outside the library
+   (``tests/memory_meter.py``; the parameters modules hold in forward, FSDP2's unsharded ones,
+   not counted);
+5. ``budget``: budget mode, ``memory_budget`` = ``BUDGET_FRACTION`` of this rank's measured
+   peak (each rank plans for itself), the peak measured the same way
+   (path ``<spill>/<mode>/budget/{rank}``).
 
 Losses and per-rank gradients (``p.grad.to_local()`` for FSDP2's DTensor gradients) are
 compared with ``torch.equal`` here; the report ``<out>/<mode>-rank<r>.json`` carries the
@@ -37,9 +43,11 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import ssdoffload  # noqa: E402
 from ssdoffload.io import _native  # noqa: E402
+from memory_meter import ActivationMeter  # noqa: E402
 
 _native.install_crash_handler()  # a rank killed by a signal prints its native stack too
 
@@ -48,6 +56,8 @@ BATCH, SEQ, DIM, HEADS, LAYERS = 4, 16, 64, 4, 3
 #: Small enough that LayerNorm statistics and parameters (256 B) would be offloaded if they
 #: were not recognised: the count check then sees every misclassification.
 MIN_OFFLOAD_BYTES = 256
+#: The budget phase's memory_budget, as a share of the rank's peak without offloading.
+BUDGET_FRACTION = 0.5
 
 
 # -- model ---------------------------------------------------------------------------------
@@ -188,7 +198,7 @@ def scan(off: ssdoffload.Offloader, wanted: dict) -> dict:
 
 
 # -- training ------------------------------------------------------------------------------
-def train(mode: str, rank: int, phase: str, spill: str = "") -> dict:
+def train(mode: str, rank: int, phase: str, spill: str = "", budget: int = 0) -> dict:
     net, model = build(mode)
     torch.manual_seed(100 + rank)  # dropout: same masks in every phase, different per rank
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
@@ -198,24 +208,37 @@ def train(mode: str, rank: int, phase: str, spill: str = "") -> dict:
         off = ssdoffload.Offloader(model, ssdoffload.OffloadConfig(
             path=os.path.join(spill, "{rank}"), min_offload_bytes=MIN_OFFLOAD_BYTES, policy="all",
             initial_file_bytes=1 << 20, io_threads=2, prefetch_depth=2))
-    out = {"losses": [], "grads": [], "expected": [], "stats": [], "scans": []}
+    elif phase == "budget":
+        os.makedirs(os.path.join(spill, "budget"), exist_ok=True)
+        off = ssdoffload.Offloader(model, ssdoffload.OffloadConfig(
+            path=os.path.join(spill, "budget", "{rank}"), min_offload_bytes=MIN_OFFLOAD_BYTES,
+            memory_budget=budget, initial_file_bytes=1 << 20))
+    out = {"losses": [], "grads": [], "expected": [], "stats": [], "scans": [], "peaks": []}
     t0 = time.perf_counter()
     try:
         for step in range(STEPS):
             x, y = batch(rank, step)
-            wanted = needles(net) if off is not None else {}
-            if off is not None:
+            wanted = needles(net) if phase == "offload" else {}
+            if phase == "offload":
                 wanted["<input batch>"] = x.numpy().tobytes()
-            with off.step() if off is not None else contextlib.nullcontext():
+            meter = ActivationMeter(net) if phase in ("measured", "budget") else None
+            if meter is not None:
+                meter.skip_parameters_held_by(net)
+            with meter.measuring() if meter is not None else contextlib.nullcontext(), \
+                    off.step() if off is not None else contextlib.nullcontext(), \
+                    meter.saving() if meter is not None else contextlib.nullcontext():
                 with spy.context() if spy is not None else contextlib.nullcontext():
                     loss = F.mse_loss(model(x), y)
                 if spy is not None:
                     out["expected"].append(spy.end_forward())
-                if off is not None:
+                if phase == "offload":
                     off.wait()  # every write started by this forward has finished
                     out["scans"].append(scan(off, wanted))
                     out["spill_files"] = off.spill_files
                 loss.backward()
+            if meter is not None:
+                meter.close()
+                out["peaks"].append(meter.peak)
             if off is not None:
                 out["stats"].append(off.last_step_stats().as_dict())
             out["losses"].append(loss.detach().clone())
@@ -226,6 +249,9 @@ def train(mode: str, rank: int, phase: str, spill: str = "") -> dict:
         if off is not None:
             out["total"] = off.stats().as_dict()
             out["paths"] = off.paths
+        if phase == "budget":
+            plan = off.plan()
+            out["plan"] = {"placement": list(plan.placement), "describe": plan.describe()} if plan else None
     finally:
         if spy is not None:
             spy.remove()
@@ -284,17 +310,22 @@ def main() -> None:
 
     runs = {}
     try:
-        for phase in ("plain", "plain2", "offload"):
+        for phase in ("plain", "plain2", "offload", "measured", "budget"):
             report["phase"] = phase
             save()
             spill = os.path.join(a.spill, a.mode)
             os.makedirs(spill, exist_ok=True)
-            runs[phase] = train(a.mode, rank, phase, spill)
+            budget = 0
+            if phase == "budget":
+                budget = report["memory_budget"] = int(BUDGET_FRACTION * max(runs["measured"]["peaks"]))
+            runs[phase] = train(a.mode, rank, phase, spill, budget)
             report[phase] = summary(runs[phase])
             if phase == "plain2":
                 report["plain_deterministic"] = compare(runs["plain"], runs["plain2"])
             if phase == "offload":
                 report["offload_vs_plain"] = compare(runs["plain"], runs["offload"])
+            if phase == "budget":
+                report["budget_vs_plain"] = compare(runs["plain"], runs["budget"])
         report["phase"] = "done"
     except BaseException:
         report["error"] = traceback.format_exc()
