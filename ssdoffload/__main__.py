@@ -113,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="instead of the comparison: the memory/step-time frontier (keep, recompute, "
                    "checkpoint-input offload, full SSD offload, and budget mode at these fractions of "
                    "keep's memory; default 1,0.7,0.5,0.35,0.25,0.15,0.1)")
+    b.add_argument("--model", choices=["gpt", "hf-llama"], default="gpt",
+                   help="with --budgets: the reference GPT (default), or a tiny random Hugging Face Llama of "
+                        "the preset's sizes with its own gradient checkpointing on (needs transformers)")
     b.add_argument("--deterministic", action="store_true", help="torch.use_deterministic_algorithms (CUDA)")
     b.add_argument("--trace", action="store_true", help="also write trace_ssd_step.json, a torch.profiler "
                    "trace of one ssd step (open in Perfetto): model ops and ssdoffload.stall spans; the "
@@ -162,7 +165,7 @@ def _frontier(args: argparse.Namespace) -> int:
     with spill_directories(args.spill_path) as paths, torch_threads(args.threads or default_threads(device)):
         config = offload_config_for(preset, paths, dict(args.offload_option))
         result = budget_frontier(preset, device, config, seed=args.seed, fractions=fractions,
-                                 progress=not (args.no_progress or args.quiet))
+                                 progress=not (args.no_progress or args.quiet), model=args.model)
     result.update(preset=preset.as_dict(), device=str(device), command=sys.argv[:])
     with open(os.path.join(out, "frontier.json"), "w") as f:
         json.dump(result, f, indent=1, default=str)
@@ -213,6 +216,8 @@ def _bench(args: argparse.Namespace) -> int:
         return _overhead(args)
     if args.budgets is not None:
         return _frontier(args)
+    if args.model != "gpt":
+        raise SystemExit(f"--model {args.model} is measured by --budgets only (bench --budgets --model {args.model})")
     from .bench import plots, report as report_mod
     from .bench.runner import BenchOptions, run_bench
     from .bench.strategies import parse_strategies

@@ -56,7 +56,7 @@ import torch
 from torch.autograd.profiler import record_function
 
 from . import chaos
-from .cache import Entry, Handle, OffloadCache, State
+from .cache import HOLDS_MEMORY, Entry, Handle, OffloadCache, State
 from .errors import IntegrityError, OffloadError, SpillReadError, WriteAbandoned
 from .io import byte_view
 from .io.jobs import CancelledError, IOFuture
@@ -686,6 +686,7 @@ class Transfers:
             with self._stage_lock:
                 self._staged.pop(entry, None)
         with self.cache.lock:
+            held = entry.nbytes + entry.overhead if entry.state in HOLDS_MEMORY else 0
             self.cache.transition(entry, State.FREED)
             storage, entry.storage = entry.storage, None
         if storage is not None and entry.ready_event is not None and entry.compute_stream is not None:
@@ -693,6 +694,11 @@ class Transfers:
         del storage
         if entry.write_future is not None and entry.write_future.cancel():
             self.stats.add(writes_skipped=1)  # freed before its write started
+        busy = [f for f in (entry.write_future, entry.read_future) if f is not None and not f.done()]
+        if held and busy:
+            # A write still reading the tensor or a read still filling its buffer keeps that
+            # memory alive after the entry is gone: it counts until the last of them ends.
+            _HeldUntilDone(self.stats, held, busy)
         futures = [f for f in (entry.write_future, entry.read_future, entry.drain_future)
                    if f is not None and not f.done()]
         if not futures:  # the common case: every transfer of the entry has completed
@@ -718,3 +724,24 @@ class Transfers:
             entry.place = entry.extent = None
         if extent is not None:
             place.free(extent)
+
+
+class _HeldUntilDone:
+    """``nbytes`` counted as resident until every future in ``futures`` is done (a freed
+    entry's memory that an I/O job still uses)."""
+
+    def __init__(self, stats: StatsCollector, nbytes: int, futures: list) -> None:
+        self._stats = stats
+        self._nbytes = nbytes
+        self._left = len(futures)
+        self._lock = threading.Lock()
+        stats.resident(nbytes)
+        for f in futures:
+            f.add_done_callback(self._one_done)
+
+    def _one_done(self, _future=None) -> None:
+        with self._lock:
+            self._left -= 1
+            last = self._left == 0
+        if last:
+            self._stats.resident(-self._nbytes)

@@ -252,6 +252,32 @@ def test_budget_frontier_cli(tmp_path):
     assert (out / "frontier.png").exists()
 
 
+def test_budget_frontier_of_a_hugging_face_llama_with_its_own_checkpointing(tmp_path):
+    """``bench --budgets --model hf-llama``: a tiny random Llama that checkpoints its own
+    layers. Its baselines are the user's (keep = no checkpointing, recompute = their
+    checkpointing), the fixed plans that mean something for it (keep, ssd), and budget mode;
+    every budget is met or refused clearly, and ``--model`` without ``--budgets`` is an error."""
+    pytest.importorskip("transformers")
+    from ssdoffload.__main__ import main
+
+    out = tmp_path / "out"
+    rc = main(["bench", "--preset", "tiny", "--model", "hf-llama", "--budgets", "1,0.6,0.05", "-o", str(out),
+               "--no-progress", "--no-plots", "-q"])
+    assert rc == 0
+    result = json.loads((out / "frontier.json").read_text())
+    assert result["model"] == "hf-llama"
+    assert set(result["fixed"]) == {"keep", "ssd"} and set(result["plain"]) == {"plain keep", "plain recompute"}
+    rows = result["budgets"]
+    assert rows and not rows[-1]["feasible"]  # 5%: below one layer's recomputation
+    for row in rows:
+        if row["feasible"]:  # met, or every moment over it counted (never silent)
+            assert row["memory_bytes"] <= row["budget_bytes"] or row["budget_overruns"] > 0, row
+        else:
+            assert "recomputed by your own gradient checkpointing" in row["plan_text"], row
+    with pytest.raises(SystemExit, match="--budgets only"):
+        main(["bench", "--preset", "tiny", "--model", "hf-llama", "-o", str(tmp_path / "x")])
+
+
 def test_overhead_cli(tmp_path):
     """``bench --overhead`` measures the four set-ups and the per-tensor cost; the offloaded
     set-up really offloads every tensor, the kept one none."""

@@ -140,6 +140,35 @@ def test_an_entry_freed_before_its_write_starts_is_not_written(parts):
     assert parts.drive.store.used == 0 and e.extent is None
 
 
+def test_a_read_buffer_counts_until_its_read_ends_even_when_the_entry_is_freed(parts):
+    """Backward dropped an entry whose read-back is still queued: the entry is gone, but the
+    reload buffer (tensor bytes and its alignment page) lives until the read job ends, and
+    counts as resident until then (on d069554 it was uncounted: a measured budget overrun)."""
+    from ssdoffload.reload_buffers import PAGE
+
+    t = torch.randn(256, 64)
+    e = parts.entry(t)
+    handle = parts.transfers.new_handle(e, t)
+    parts.transfers.start_write(e, parts.drive)
+    wait_for(e.write_future)
+    parts.transfers.poll()
+    del t
+    assert e.state is State.ON_DISK and parts.step("resident_bytes") == 0
+    stop_reads = threading.Event()
+    parts.engine.submit_read(stop_reads.wait)  # the one read thread: busy until set
+    try:
+        assert parts.transfers.start_load(e, prefetch=True)
+        assert parts.step("resident_bytes") == e.nbytes + PAGE  # the buffer and its page
+        del handle
+        parts.cache.releases.drain()
+        assert e.state is State.FREED and not e.read_future.done()
+        assert parts.step("resident_bytes") == e.nbytes + PAGE  # still alive, still counted
+    finally:
+        stop_reads.set()
+    wait_for(e.read_future)
+    assert parts.step("resident_bytes") == 0 and parts.drive.store.used == 0
+
+
 def test_a_place_that_cannot_take_it_leaves_the_tensor_in_memory(parts):
     parts.drive.discard()  # the spill files are gone (as after an aborted step)
     t = torch.randn(64, 64)
@@ -237,11 +266,13 @@ def test_an_entry_freed_during_its_direct_write_returns_its_extent_when_it_compl
     e = direct.entry(t)
     handle = direct.transfers.new_handle(e, t)
     direct.transfers.start_write(e, direct.drive)
-    del handle
+    del handle, t
     direct.cache.releases.drain()
-    assert e.state is State.FREED and direct.step("resident_bytes") == 0
+    assert e.state is State.FREED
+    # The engine may still read the tensor: its bytes count until the write is seen done.
+    assert direct.step("resident_bytes") in (0, e.nbytes)
     wait_for(e.write_future)
-    assert e.extent is None and direct.drive.store.used == 0
+    assert e.extent is None and direct.drive.store.used == 0 and direct.step("resident_bytes") == 0
 
 
 def test_a_corrupted_extent_fails_the_direct_read_with_an_integrity_error(direct):

@@ -12,6 +12,10 @@ the same way for all of them:
 * for reference, plain PyTorch without hooks: ``plain keep`` and ``plain recompute`` (step time
   only: the hooks' own cost is the difference).
 
+``model="hf-llama"`` (``--model hf-llama``, ``bench_models``): a tiny random Hugging Face Llama that
+checkpoints its own layers; its fixed plans are keep and ssd, its plain points are the model
+without and with that checkpointing.
+
 Memory figure: on a GPU ``torch.cuda.max_memory_allocated`` above the parameters, gradients and
 optimizer state; on a CPU the offloader's peak resident offloadable bytes (which include a
 recomputed layer's activations while its recomputation runs, at their measured size). Budgets are fractions of ``keep``'s figure, down to the smallest the
@@ -29,9 +33,10 @@ import torch
 
 from ..budget import RECOMPUTE, RECOMPUTE_RAM, RECOMPUTE_SSD
 from ..config import OffloadConfig
-from ..models.gpt import GPT, synthetic_batch
+from ..models.gpt import synthetic_batch
 from ..offloader import Offloader
 from ..places import DEVICE, SSD
+from .bench_models import BenchModel, bench_model
 from .presets import Preset
 
 log = logging.getLogger("ssdoffload")
@@ -62,11 +67,12 @@ class _Point:
     its steps (``park``), so that a dozen copies of a large model need not fit at once."""
 
     def __init__(self, preset: Preset, state: dict, device: torch.device, config: Optional[OffloadConfig],
-                 plan: Optional[List[str]], seed: int, recompute: bool = False) -> None:
+                 plan: Optional[List[str]], seed: int, recompute: bool = False, model: str = "gpt") -> None:
         self.preset, self.device, self.plan, self.seed = preset, device, plan, seed
         self.cuda = device.type == "cuda"
+        self.kind: BenchModel = bench_model(model, plain=config is None)
         with torch.device(device):
-            self.model = GPT(preset.model, recompute=recompute)
+            self.model = self.kind.build(preset, recompute)
         self.model.load_state_dict(state)
         self.model.to(device).train()
         self.opt = torch.optim.SGD(self.model.parameters(), lr=1e-3)
@@ -102,7 +108,7 @@ class _Point:
         t0 = time.perf_counter()
         with (off.step() if off is not None else _null()):
             with (torch.autocast(device.type, dtype=amp) if amp else _null()):
-                loss = self.model(tokens, targets)
+                loss = self.kind.loss(self.model, tokens, targets)
             loss.backward()
         if off is not None:
             off.wait()
@@ -162,7 +168,7 @@ class _null:
 
 def budget_frontier(preset: Preset, device: torch.device, config: OffloadConfig, seed: int = 0,
                     fractions: Sequence[float] = DEFAULT_FRACTIONS, steps: Optional[int] = None,
-                    progress: bool = True) -> dict:
+                    progress: bool = True, model: str = "gpt") -> dict:
     """Measure the fixed plans and budget mode at ``fractions`` of keep's memory figure (and at
     full recomputation's), every point's timed steps interleaved with every other's.
 
@@ -173,18 +179,21 @@ def budget_frontier(preset: Preset, device: torch.device, config: OffloadConfig,
     steps = steps or max(3, preset.steps // 2)
     torch.manual_seed(seed)
     with torch.device(device):
-        state = GPT(preset.model).state_dict()
+        state = bench_model(model).build(preset, False).state_dict()
     big = 1 << 50  # pinned plans: a budget that never binds
     host = config.host_cache_bytes > 0 and device.type == "cuda"
     fixed: Dict[str, _Point] = {}
     budgets: List[dict] = []
     points: List[_Point] = []
     try:
+        wanted = bench_model(model).fixed_plans
         for name, plan in _fixed_plans(preset.model.layers, host).items():
-            fixed[name] = _Point(preset, state, device, dataclasses.replace(config, memory_budget=big, policy="budget"),
-                                 plan, seed)
-        plain = {"plain keep": _Point(preset, state, device, None, None, seed),
-                 "plain recompute": _Point(preset, state, device, None, None, seed, recompute=True)}
+            if name in wanted:
+                fixed[name] = _Point(preset, state, device,
+                                     dataclasses.replace(config, memory_budget=big, policy="budget"), plan, seed,
+                                     model=model)
+        plain = {"plain keep": _Point(preset, state, device, None, None, seed, model=model),
+                 "plain recompute": _Point(preset, state, device, None, None, seed, recompute=True, model=model)}
         points = [*fixed.values(), *plain.values()]
         _interleaved(points, _WARMUP, timed=False)
         # The memory figures: on a CPU the warm-up's last step; on a GPU one more step of each.
@@ -196,13 +205,13 @@ def budget_frontier(preset: Preset, device: torch.device, config: OffloadConfig,
                 fixed[name].times.pop()
         keep_memory = sizes["keep"] or 1
         # The issue's comparison point: budget mode at exactly full recomputation's memory.
-        at_recompute = (sizes["recompute"] or 0) / keep_memory
+        at_recompute = (sizes.get("recompute") or 0) / keep_memory
         sweep = sorted({*fractions, *([at_recompute] if 0 < at_recompute < 1 else [])}, reverse=True)
         rows: List[tuple] = []
         for f in sweep:
             budget = int(keep_memory * f)
             point = _Point(preset, state, device, dataclasses.replace(config, memory_budget=budget, policy="budget"),
-                           None, seed)
+                           None, seed, model=model)
             rows.append((f, budget, point))
             points.append(point)
             for _ in range(_WARMUP):
@@ -227,7 +236,7 @@ def budget_frontier(preset: Preset, device: torch.device, config: OffloadConfig,
     finally:
         for p in points:
             p.close()
-    return {"memory_kind": "cuda max_memory_allocated above the model" if device.type == "cuda"
+    return {"model": model, "memory_kind": "cuda max_memory_allocated above the model" if device.type == "cuda"
             else "peak resident offloadable bytes (recomputations included)",
             "fixed": results, "plain": plain_results, "budgets": budgets, "checks": _checks(results, budgets)}
 

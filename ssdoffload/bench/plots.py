@@ -147,7 +147,10 @@ def frontier(result: dict, path: str) -> str:
     times = [p["step_seconds"] for p in list(result["fixed"].values()) + list(result["plain"].values())] + \
         [r["step_seconds"] for r in rows]
     ax.set_ylim(bottom=0.8 * min(times), top=1.08 * max(times))
-    ax.set_title("activation memory against step time (dotted: the budgets asked for)", fontsize=10)
+    model = result.get("model", "gpt")
+    what = "" if model == "gpt" else ("\nHugging Face Llama with its own checkpointing (plain keep: without it; "
+                                      "plain recompute: with it)" if model == "hf-llama" else f"\n{model}")
+    ax.set_title(f"activation memory against step time (dotted: the budgets asked for){what}", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower left")
     fig.tight_layout()
