@@ -146,7 +146,9 @@ class ActivationMeter:
                 storage = out.untyped_storage()
                 with self._lock:
                     tracked = id(storage) in self._live
-                if not tracked:  # not the storage saved in forward: a reload buffer
+                if not tracked and out.device.type == "cuda":
+                    self._track(out)  # a device reload buffer (torch.empty): device memory from here on
+                elif not tracked:  # not the storage saved in forward: a CPU reload buffer (numpy)
                     self._reloaded.add(storage.data_ptr())
             self.sample()
             return out

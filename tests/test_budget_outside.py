@@ -266,6 +266,59 @@ def test_a_slow_drive_does_not_take_the_budget_with_it(tmp_path):
     assert max(peaks) <= 1.25 * budget, (peaks, budget, plain)
 
 
+# -- on a GPU ------------------------------------------------------------------------------
+@pytest.mark.cuda
+def test_budget_on_cuda_measured_outside_and_by_the_allocator(tmp_path):
+    """The reference GPT on CUDA at half its plain activation peak: the peak of saved storages
+    (and device reload buffers from their unpack) measured from outside within 1.10x the
+    budget, the allocator's own peak (``torch.cuda.max_memory_allocated``, which also holds
+    gradients and temporaries) lower than without offloading, gradients bit-identical.
+    Run by ``benchmarks/gpu.sh`` (``pytest -m cuda``)."""
+    from ssdoffload.models.gpt import GPT, GPTConfig, synthetic_batch
+
+    device = torch.device("cuda")
+    cfg = GPTConfig(vocab=256, seq=256, hidden=256, heads=4, layers=6, dropout=0.1)
+    batches = [synthetic_batch(cfg, 8, device, seed=s) for s in range(4)]
+
+    def train(config):
+        torch.manual_seed(0)
+        model = GPT(cfg).to(device)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        off = ssdoffload.Offloader(model, config) if config is not None else None
+        peaks, allocator, losses, grads = [], [], [], []
+        try:
+            for step, batch in enumerate(batches):
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
+                torch.manual_seed(100 + step)
+                meter = ActivationMeter(model)
+                with meter.measuring(), (off.step() if off is not None else torch.enable_grad()), meter.saving():
+                    loss = model(*batch)
+                    loss.backward()
+                torch.cuda.synchronize()
+                peaks.append(meter.peak)
+                allocator.append(torch.cuda.max_memory_allocated() - base)
+                losses.append(loss.detach().clone())
+                grads.append([p.grad.detach().clone() for p in model.parameters()])
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            stats = off.stats() if off is not None else None
+        finally:
+            if off is not None:
+                off.close()
+        return peaks, allocator, (losses, grads), stats
+
+    plain, plain_allocator, reference, _ = train(None)
+    budget = int(0.5 * max(plain))
+    peaks, allocator, got, stats = train(offload_config(str(tmp_path / "a"), memory_budget=budget,
+                                                        min_offload_bytes=4096))
+    assert_bit_identical(reference, got)
+    assert stats.bytes_written > 0 and stats.bytes_read > 0
+    assert max(peaks) <= TOLERANCE * budget, (peaks, budget, plain)
+    assert max(allocator[1:]) < max(plain_allocator), (allocator, plain_allocator)
+
+
 # -- a BatchNorm CNN under a pinned recompute plan ------------------------------------------
 def _bn_net():
     return _BNNet(width=256, depth=4)
