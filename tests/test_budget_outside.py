@@ -26,11 +26,12 @@ from test_budget import _BNNet  # noqa: E402
 TOLERANCE = 1.10
 
 
-def run(make_model, batches, loss_fn, config=None, choices=None, per_op=True, step_stats=None):
+def run(make_model, batches, loss_fn, config=None, choices=None, per_op=True, step_stats=None, allocator=None):
     """Train one fresh model on ``batches``: per step the measured peak, the losses and
     gradients, and the offloader's final stats (None without one). ``per_op=False`` for
     compiled models (see ``ActivationMeter.measuring``); ``step_stats``, a list, gets each
-    step's ``last_step_stats()``."""
+    step's ``last_step_stats()``; ``allocator``, a list, each step's CUDA allocator peak above
+    what was allocated before it."""
     torch.manual_seed(0)
     model = make_model()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
@@ -40,6 +41,10 @@ def run(make_model, batches, loss_fn, config=None, choices=None, per_op=True, st
         for step, batch in enumerate(batches):
             if off is not None and choices is not None and step == 1:
                 off.set_plan(choices)
+            if allocator is not None:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
             torch.manual_seed(100 + step)
             meter = ActivationMeter(model)
             with meter.measuring(per_op=per_op):
@@ -48,6 +53,9 @@ def run(make_model, batches, loss_fn, config=None, choices=None, per_op=True, st
                         loss = loss_fn(model, batch)
                         loss.backward()
             peaks.append(meter.peak)
+            if allocator is not None:
+                torch.cuda.synchronize()
+                allocator.append(torch.cuda.max_memory_allocated() - base)
             if off is not None and step_stats is not None:
                 step_stats.append(off.last_step_stats())
             losses.append(loss.detach().clone())
@@ -280,39 +288,16 @@ def test_budget_on_cuda_measured_outside_and_by_the_allocator(tmp_path):
     cfg = GPTConfig(vocab=256, seq=256, hidden=256, heads=4, layers=6, dropout=0.1)
     batches = [synthetic_batch(cfg, 8, device, seed=s) for s in range(4)]
 
-    def train(config):
-        torch.manual_seed(0)
-        model = GPT(cfg).to(device)
-        opt = torch.optim.SGD(model.parameters(), lr=0.05)
-        off = ssdoffload.Offloader(model, config) if config is not None else None
-        peaks, allocator, losses, grads = [], [], [], []
-        try:
-            for step, batch in enumerate(batches):
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-                base = torch.cuda.memory_allocated()
-                torch.manual_seed(100 + step)
-                meter = ActivationMeter(model)
-                with meter.measuring(), (off.step() if off is not None else torch.enable_grad()), meter.saving():
-                    loss = model(*batch)
-                    loss.backward()
-                torch.cuda.synchronize()
-                peaks.append(meter.peak)
-                allocator.append(torch.cuda.max_memory_allocated() - base)
-                losses.append(loss.detach().clone())
-                grads.append([p.grad.detach().clone() for p in model.parameters()])
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-            stats = off.stats() if off is not None else None
-        finally:
-            if off is not None:
-                off.close()
-        return peaks, allocator, (losses, grads), stats
+    def make():
+        return GPT(cfg).to(device)
 
-    plain, plain_allocator, reference, _ = train(None)
+    def loss_fn(model, batch):
+        return model(*batch)
+    plain_allocator, allocator = [], []
+    plain, reference, _ = run(make, batches, loss_fn, allocator=plain_allocator)
     budget = int(0.5 * max(plain))
-    peaks, allocator, got, stats = train(offload_config(str(tmp_path / "a"), memory_budget=budget,
-                                                        min_offload_bytes=4096))
+    peaks, got, stats = run(make, batches, loss_fn, offload_config(str(tmp_path / "a"), memory_budget=budget,
+                                                                   min_offload_bytes=4096), allocator=allocator)
     assert_bit_identical(reference, got)
     assert stats.bytes_written > 0 and stats.bytes_read > 0
     assert max(peaks) <= TOLERANCE * budget, (peaks, budget, plain)
