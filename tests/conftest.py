@@ -97,3 +97,13 @@ def _session_cpu_hog():
         yield hog
     finally:
         _stop_hog(hog)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The fuzzer's census (``tests/test_fuzz.py``): what its programs exercised."""
+    fuzz = sys.modules.get("test_fuzz")
+    census = getattr(fuzz, "CENSUS", None)
+    if census is not None and census.rows:
+        terminalreporter.write_sep("-", "fuzz census")
+        for line in census.report().splitlines():
+            terminalreporter.write_line(line)

@@ -72,13 +72,16 @@ _TORCH_DTYPE_TEXT = {"f32": "torch.float32", "f64": "torch.float64", "bf16": "to
 
 #: Largest storage (bytes) a program may create.
 MAX_STORAGE_BYTES = 64 << 10
-#: Most ops a generated program has.
-MAX_OPS = 12
+#: Most ops a generated program has; the fewest (but when shrinking a failure).
+MAX_OPS = 14
+MIN_OPS = 4
 #: Dimensions leaf shapes are drawn from (a per-program palette of 1-3 of them, so matmul
 #: operands line up often).
 DIMS = (8, 4, 16, 3, 32, 1, 5, 64)
 #: Thresholds drawn for ``min_offload_bytes``; leaves are sized just below / at / above them.
-THRESHOLDS = (0, 1, 512, 4096, 16384)
+#: Mostly small: a program whose tensors all stay under the threshold tests nothing of the
+#: offloader (with 4096 and 16384 drawn two times in three, 71% of CI's programs wrote nothing).
+THRESHOLDS = (0, 1, 256, 512, 1024, 4096)
 #: Message plain autograd (and ssdoffload) raise for a saved tensor modified in place.
 INPLACE_MESSAGE = "modified by an inplace operation"
 
@@ -948,6 +951,18 @@ class Sim:
         whose base was modified in place raises on any use, even ``grad_fn``)."""
         return [i for i in self.live() if self.pool[i].layout == torch.strided and _usable(self.pool[i])]
 
+    def offloadable_saves(self, threshold: int) -> int:
+        """How many tensors autograd saved so far that the offloader would write (not a
+        parameter, a storage of at least ``threshold`` bytes)."""
+        def offloadable(t: torch.Tensor) -> bool:
+            root = t._base if t._base is not None else t
+            if isinstance(root, nn.Parameter) or (root.requires_grad and root.grad_fn is None):
+                return False  # parameter-like: a leaf that requires grad, or a view of one
+            if t.untyped_storage()._cdata in self._leaf_storages:
+                return False  # shares a leaf's storage (unsafe_chunk of a parameter): kept
+            return t.layout == torch.strided and t.untyped_storage().nbytes() >= max(threshold, 1)
+        return sum(1 for rec in self.saved if offloadable(rec.tensor))
+
     def leaf_storage_users(self) -> set:
         return {i for i in self.dense() if self.pool[i].untyped_storage()._cdata in self._leaf_storages}
 
@@ -1049,8 +1064,9 @@ class Sim:
 # -- generator -------------------------------------------------------------------------------
 def _leaf_shape(draw, palette, dtype: str, threshold: int) -> Tuple[int, ...]:
     isz = torch.empty(0, dtype=DTYPES[dtype]).element_size()
-    if threshold >= 2 and draw(st.booleans()):
-        numel = max(1, threshold // isz + draw(st.sampled_from([0, -1, 1])))
+    if threshold >= 2 and draw(st.integers(0, 3)) > 0:  # mostly around the threshold, or above
+        factor = draw(st.sampled_from([1, 1, 2, 4]))
+        numel = max(1, factor * threshold // isz + (draw(st.sampled_from([0, -1, 1])) if factor == 1 else 0))
         rows = draw(st.sampled_from([1, 2, 4, 8]))
         if numel % rows:
             rows = 1
@@ -1105,13 +1121,15 @@ def programs(draw, kinds: Optional[Sequence[str]] = None, max_ops: int = MAX_OPS
         dtype = draw(st.sampled_from(["f32", "f32", "f64", "bf16"]))
         shape = _leaf_shape(draw, palette, dtype, settings.min_offload_bytes)
         requires_grad = not draw(st.booleans()) or i == 0
-        param = draw(st.booleans()) if params is None else params
+        # Parameters are never offloaded: one leaf in four, so most programs save tensors the
+        # offloader writes.
+        param = draw(st.integers(0, 3)) == 0 if params is None else params
         leaves.append(Leaf(shape, dtype, requires_grad, param, seed=1000 + i))
     sim = Sim(leaves)
     names = [k for k in (kinds or KINDS) if k in KINDS]
     weighted = [k for k in names for _ in range(KINDS[k].weight)]
     ops = []
-    n_ops = draw(st.integers(1, max_ops))
+    n_ops = draw(st.integers(min(MIN_OPS, max_ops), max_ops))
     for _ in range(3 * n_ops):  # ops torch refuses are dropped: try again
         if len(ops) == n_ops:
             break
@@ -1127,11 +1145,17 @@ def programs(draw, kinds: Optional[Sequence[str]] = None, max_ops: int = MAX_OPS
         if nout is None:
             continue
         ops.append(Op(kind, tuple(ins), tuple(args), nout, layer))
+    # A program that saves nothing the offloader would write tests only its bookkeeping: one
+    # in 32 is let through (kept tensors, parameters, thresholds), the rest are drawn again.
+    if not sim.offloadable_saves(settings.min_offload_bytes) and draw(st.integers(0, 31)) > 0:
+        assume(False)
     grads = [i for i in sim.dense() if sim.pool[i].requires_grad]
     loss = []
     if grads:
+        # The newest output first (``dense`` lists most recent first): the longest chain of
+        # saved tensors is then backwarded, and what was written is read back.
         loss.append(grads[0])
-        loss += [i for i in grads[1:] if draw(st.booleans())]
+        loss += [i for i in grads[1:] if draw(st.integers(0, 3)) > 0]
     program = Program(tuple(leaves), tuple(ops), tuple(sorted(loss)),
                       draw(st.sampled_from(["f32", "f64"])), settings)
     # An op torch refused half-way may have left side effects in the simulation that the
@@ -1249,6 +1273,7 @@ class Outcome:
     grads: List[List[Any]] = field(default_factory=list)
     error: Optional[Tuple[int, type, str]] = None   # (step, class, message)
     leftovers: List[str] = field(default_factory=list)
+    stats: Optional[Dict[str, Any]] = None  # the offloaded run's OffloadStats.as_dict() at close
 
 
 def offload_config(s: Settings, spill_dir: str) -> ssdoffload.OffloadConfig:
@@ -1293,6 +1318,7 @@ def run_program(p: Program, spill_dir: Optional[str] = None) -> Outcome:
                 t.grad = None
     finally:
         if off is not None:
+            outcome.stats = off.stats().as_dict()
             off.close()
             outcome.leftovers = sorted(os.listdir(spill_dir)) if os.path.isdir(spill_dir) else []
     return outcome
@@ -1332,10 +1358,11 @@ def compare(ref: Outcome, got: Outcome) -> None:
 _counter = [0]
 
 
-def check_program(p: Program, root: str, self_check: bool = False) -> None:
+def check_program(p: Program, root: str, self_check: bool = False) -> Outcome:
     """Run ``p`` plainly and offloaded (in a fresh spill directory under ``root``); assert the
     same gradients and losses bit for bit, or the same exception. ``self_check`` also runs
-    plain autograd twice (a program that reads uninitialised memory would fail this)."""
+    plain autograd twice (a program that reads uninitialised memory would fail this).
+    Returns the offloaded run's outcome (its ``stats`` say what the program exercised)."""
     ref = run_program(p)
     if self_check:
         compare(ref, run_program(p))
@@ -1346,6 +1373,57 @@ def check_program(p: Program, root: str, self_check: bool = False) -> None:
         compare(ref, got)
     finally:
         shutil.rmtree(spill_dir, ignore_errors=True)
+    return got
+
+
+# -- what the programs exercised -------------------------------------------------------------
+class Census:
+    """What a fuzz run's programs did, from each offloaded run's stats: how many wrote and
+    read back, ops per program, bytes, and which op kinds and paths were taken."""
+
+    def __init__(self) -> None:
+        self.rows: List[Dict[str, Any]] = []
+
+    def add(self, p: Program, got: Outcome) -> None:
+        st = got.stats or {}
+        self.rows.append({
+            "ops": len(p.ops), "kinds": {op.kind for op in p.ops},
+            "written": st.get("bytes_written", 0), "read": st.get("bytes_read", 0),
+            "diverted": st.get("budget_diversions", 0), "overruns": st.get("budget_overruns", 0),
+            "error": got.error is not None, "policy": p.settings.policy, "model": p.settings.use_model,
+        })
+
+    def share(self, key: str) -> float:
+        return sum(1 for r in self.rows if r[key]) / max(1, len(self.rows))
+
+    def round_trips(self) -> float:
+        """Share of programs that wrote and read something back."""
+        return sum(1 for r in self.rows if r["written"] and r["read"]) / max(1, len(self.rows))
+
+    def report(self) -> str:
+        n = len(self.rows)
+        if not n:
+            return "fuzz census: no programs"
+        ops = sorted(r["ops"] for r in self.rows)
+        kinds: Dict[str, int] = {}
+        for r in self.rows:
+            for k in r["kinds"]:
+                kinds[k] = kinds.get(k, 0) + 1
+        never = sorted(set(KINDS) - set(kinds))
+        written = sum(r["written"] for r in self.rows)
+        lines = [
+            f"fuzz census: {n} programs; ops per program mean {sum(ops) / n:.1f} "
+            f"(min {ops[0]}, median {ops[n // 2]}, max {ops[-1]})",
+            f"  wrote and read back: {self.round_trips():.0%}; wrote: {self.share('written'):.0%}; "
+            f"raised (both runs alike): {self.share('error'):.0%}; {written / 2**20:.1f} MiB written in all",
+            f"  budget mode: {sum(1 for r in self.rows if r['policy'] == 'budget')} programs, diversions in "
+            f"{self.share('diverted'):.0%}, overruns counted in {self.share('overruns'):.0%}; "
+            f"with a model (layers): {self.share('model'):.0%}",
+            "  op kinds (programs using each): " + ", ".join(f"{k} {v}" for k, v in sorted(kinds.items())),
+        ]
+        if never:
+            lines.append(f"  op kinds never drawn: {', '.join(never)}")
+        return "\n".join(lines)
 
 
 # -- tools for failures ----------------------------------------------------------------------

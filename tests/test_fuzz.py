@@ -41,8 +41,8 @@ import pytest  # noqa: E402
 from hypothesis import HealthCheck, given, note, seed, settings  # noqa: E402
 from hypothesis.control import current_build_context  # noqa: E402
 
-from fuzz_programs import (KINDS, Settings, check_program, describe, fails_like, failure_key,  # noqa: E402
-                           programs, reduce_program)
+from fuzz_programs import (KINDS, Census, Settings, check_program, describe, fails_like,  # noqa: E402
+                           failure_key, programs, reduce_program)
 
 _EXAMPLES = int(os.environ.get("SSDOFFLOAD_FUZZ_EXAMPLES", "300"))
 _SEED = os.environ.get("SSDOFFLOAD_FUZZ_SEED", "").strip()
@@ -78,6 +78,27 @@ def fuzz_root(tmp_path_factory):
     assert not leftovers, f"spill files left behind: {leftovers}"
 
 
+#: Every program the fuzz test ran (hypothesis' final replays included), for the census.
+CENSUS = Census()
+
+
+#: What a full run must exercise (checked when at least ``_CENSUS_MIN`` programs ran): the share
+#: of programs that wrote and read something back (on d069554: 23%), and ops per program.
+_ROUND_TRIPS, _MEAN_OPS, _CENSUS_MIN = 0.60, 6.0, 200
+
+
+@pytest.fixture(scope="module")
+def census():
+    """The census of this module's programs; printed by ``conftest.pytest_terminal_summary``.
+    A full run that stopped exercising the offloader fails here, at module teardown."""
+    yield CENSUS
+    rows = CENSUS.rows
+    if len(rows) >= _CENSUS_MIN:
+        mean_ops = sum(r["ops"] for r in rows) / len(rows)
+        assert CENSUS.round_trips() >= _ROUND_TRIPS and mean_ops >= _MEAN_OPS, (
+            "the fuzzer's programs stopped exercising the offloader:\n" + CENSUS.report())
+
+
 def _settings(test):
     test = settings(
         max_examples=_EXAMPLES,
@@ -96,11 +117,11 @@ def _settings(test):
 @pytest.mark.slow  # 300 programs, ~18 s: CI runs it; the fast developer run does not
 @_settings
 @given(program=programs(kinds=_kinds(), **_pins()))
-def test_offloaded_autograd_matches_plain(program, fuzz_root):
+def test_offloaded_autograd_matches_plain(program, fuzz_root, census):
     note(describe(program))
     note(f"check_program({program!r}, str(tmp_path))")
     try:
-        check_program(program, fuzz_root, self_check=_SELF_CHECK)
+        census.add(program, check_program(program, fuzz_root, self_check=_SELF_CHECK))
     except AssertionError as exc:
         if not current_build_context().is_final:
             # Shown if hypothesis cannot replay the failure (a race: FlakyFailure).
