@@ -83,8 +83,11 @@ CENSUS = Census()
 
 
 #: What a full run must exercise (checked when at least ``_CENSUS_MIN`` programs ran): the share
-#: of programs that wrote and read something back (on d069554: 23%), and ops per program.
-_ROUND_TRIPS, _MEAN_OPS, _CENSUS_MIN = 0.60, 6.0, 200
+#: of programs that wrote and read something back (on d069554: 23%; now 50-66%: 66% alone on a
+#: quiet machine, 60% under chaos mode, 50% inside the whole suite under a CPU hog — a read-back
+#: depends on the write finishing before backward needs the tensor), and ops per program (6.2-6.9).
+#: Floors, not targets: they catch a generator that stopped exercising the offloader.
+_ROUND_TRIPS, _MEAN_OPS, _CENSUS_MIN = 0.35, 5.5, 200
 
 
 @pytest.fixture(scope="module")
