@@ -1206,12 +1206,14 @@ def _segments(ops: Sequence[Op], use_model: bool):
 
 
 def _run_ops(ops: Sequence[Op], env: Dict[int, Optional[torch.Tensor]], off,
-             sync: bool = False) -> Optional[torch.Tensor]:
+             sync: bool = False, at: Optional[Callable[[Op], None]] = None) -> Optional[torch.Tensor]:
     """Run ops; each op's outputs get the next pool indices (``len(env)`` never shrinks
     because ``del`` leaves a ``None``). Returns the segment's output for the layer (see
-    ``_layer_output``)."""
+    ``_layer_output``). ``at(op)`` is told each op before it runs (where an error came from)."""
     made = []
     for op in ops:
+        if at is not None:
+            at(op)
         if op.kind == "del":
             env[op.ins[0]] = None
             continue
@@ -1237,14 +1239,15 @@ def _layer_output(made) -> Optional[torch.Tensor]:
     return None
 
 
-def _forward(p: Program, leaves: List[torch.Tensor], model: Optional[Model], off):
+def _forward(p: Program, leaves: List[torch.Tensor], model: Optional[Model], off,
+             at: Optional[Callable[[Op], None]] = None):
     env: Dict[int, Optional[torch.Tensor]] = {i: t for i, t in enumerate(leaves)}
     sync = p.settings.sync_writes
     for layer, seg in _segments(p.ops, model is not None):
         if layer is None:
-            _run_ops(seg, env, off, sync)
+            _run_ops(seg, env, off, sync, at)
         else:
-            model.layers[layer](lambda seg=seg: _run_ops(seg, env, off, sync))
+            model.layers[layer](lambda seg=seg: _run_ops(seg, env, off, sync, at))
     dt = DTYPES[p.loss_dtype]
     loss = None
     for i in p.loss:
@@ -1274,6 +1277,7 @@ class Outcome:
     error: Optional[Tuple[int, type, str]] = None   # (step, class, message)
     leftovers: List[str] = field(default_factory=list)
     stats: Optional[Dict[str, Any]] = None  # the offloaded run's OffloadStats.as_dict() at close
+    where: str = ""  # where the run was when it raised: "forward, op 3 (inplace)", "backward", ...
 
 
 def offload_config(s: Settings, spill_dir: str) -> ssdoffload.OffloadConfig:
@@ -1286,10 +1290,17 @@ def offload_config(s: Settings, spill_dir: str) -> ssdoffload.OffloadConfig:
 
 
 def _step(p: Program, leaves, model, off, outcome: Outcome) -> None:
-    loss, env = _forward(p, leaves, model, off)
+    index = {id(op): i for i, op in enumerate(p.ops)}
+
+    def at(op: Op) -> None:
+        outcome.where = f"forward, op {index[id(op)]} ({op.kind})"
+    loss, env = _forward(p, leaves, model, off, at)
+    outcome.where = "forward, the loss"
     if p.settings.drop_refs:
         env.clear()
+    outcome.where = "backward"
     loss.backward()
+    outcome.where = "the end of the step (off.step() closing)"
     outcome.losses.append(bits(loss))
     outcome.grads.append([bits(t.grad) if t.is_leaf else None for t in leaves])
 
@@ -1330,19 +1341,24 @@ def _same_bits(a, b) -> bool:
     return a[0] == b[0] and a[1] == b[1] and torch.equal(a[2], b[2])
 
 
+def _phase(where: str) -> str:
+    """forward / backward / the end of the step: an error must come in the same one."""
+    return where.split(",")[0]
+
+
 def compare(ref: Outcome, got: Outcome) -> None:
     """Assert the offloaded run ``got`` matches the plain run ``ref``."""
     assert not got.leftovers, f"spill files left behind after close(): {got.leftovers}"
     if ref.error is not None or got.error is not None:
         assert ref.error is not None, (
-            f"the offloaded run raised {got.error[1].__name__} in step {got.error[0]} "
+            f"the offloaded run raised {got.error[1].__name__} in step {got.error[0]}, {got.where}, "
             f"but plain autograd did not: {got.error[2]}")
         assert got.error is not None, (
-            f"plain autograd raised {ref.error[1].__name__} in step {ref.error[0]} "
-            f"({ref.error[2][:200]}) but the offloaded run did not")
-        assert (ref.error[0], ref.error[1]) == (got.error[0], got.error[1]), (
-            f"different failures: plain {ref.error[1].__name__} in step {ref.error[0]} "
-            f"({ref.error[2][:200]}); offloaded {got.error[1].__name__} in step {got.error[0]} "
+            f"plain autograd raised {ref.error[1].__name__} in step {ref.error[0]}, {ref.where} "
+            f"({ref.error[2][:200]}), but the offloaded run did not")
+        assert (ref.error[0], ref.error[1], _phase(ref.where)) == (got.error[0], got.error[1], _phase(got.where)), (
+            f"different failures: plain {ref.error[1].__name__} in step {ref.error[0]}, {ref.where} "
+            f"({ref.error[2][:200]}); offloaded {got.error[1].__name__} in step {got.error[0]}, {got.where} "
             f"({got.error[2][:200]})")
         if INPLACE_MESSAGE in ref.error[2]:
             assert INPLACE_MESSAGE in got.error[2], (

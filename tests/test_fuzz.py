@@ -138,3 +138,17 @@ def test_offloaded_autograd_matches_plain(program, fuzz_root, census):
                 note("reduced further (same failure):\n" + describe(reduced))
                 note(f"check_program({reduced!r}, str(tmp_path))")
         raise
+
+
+def test_a_difference_in_errors_names_where_each_run_raised():
+    """Plain autograd raised in backward, the offloaded run in forward at op 2: a different
+    failure (the same class is not enough), and the message says where each one was."""
+    from fuzz_programs import Outcome, compare
+
+    ref = Outcome(error=(0, RuntimeError, "one of the variables needed for gradient computation has been "
+                                          "modified by an inplace operation"), where="backward")
+    got = Outcome(error=(0, RuntimeError, "boom"), where="forward, op 2 (inplace)")
+    with pytest.raises(AssertionError, match=r"plain RuntimeError in step 0, backward .*offloaded RuntimeError "
+                                             r"in step 0, forward, op 2 \(inplace\)"):
+        compare(ref, got)
+    compare(ref, Outcome(error=ref.error, where="backward"))  # the same failure, the same place
