@@ -212,7 +212,9 @@ def test_compiled_blocks_are_layers_and_the_budget_is_met(tmp_path, how, caplog)
                                 per_op=False, step_stats=per_step)
     assert_bit_identical(reference, got)
     assert stats.bytes_written > 0 and stats.bytes_read > 0
-    assert max(peaks) <= TOLERANCE * budget, (peaks, budget, plain)
+    # Planned steps within the promise; the profiling step holds, besides, forward's own working
+    # set while it waits for writes (see test_distributed.check_budget).
+    assert max(peaks[1:]) <= TOLERANCE * budget and peaks[0] <= 1.25 * budget, (peaks, budget, plain)
     # The profiling step (everything to the SSD, nothing measured yet) reads each block back
     # whole when its backward needs it, which may touch the budget; planned steps do not.
     assert [s.budget_overruns for s in per_step[1:]] == [0] * (len(per_step) - 1), per_step
