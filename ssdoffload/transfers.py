@@ -49,7 +49,7 @@ import logging
 import threading
 import time
 import warnings
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy
 import torch
@@ -694,28 +694,18 @@ class Transfers:
         del storage
         if entry.write_future is not None and entry.write_future.cancel():
             self.stats.add(writes_skipped=1)  # freed before its write started
-        busy = [f for f in (entry.write_future, entry.read_future) if f is not None and not f.done()]
-        if held and busy:
-            # A write still reading the tensor or a read still filling its buffer keeps that
-            # memory alive after the entry is gone: it counts until the last of them ends.
-            _HeldUntilDone(self.stats, held, busy)
         futures = [f for f in (entry.write_future, entry.read_future, entry.drain_future)
                    if f is not None and not f.done()]
         if not futures:  # the common case: every transfer of the entry has completed
             self._return_location(entry)
             return
-        remaining = [len(futures)]
-        lock = threading.Lock()
-
-        def one_done(_fut=None) -> None:
-            with lock:
-                remaining[0] -= 1
-                last = remaining[0] <= 0
-            if last:
-                self._return_location(entry)
-
-        for f in futures:
-            f.add_done_callback(one_done)
+        busy = [f for f in futures if f is not entry.drain_future]
+        if held and busy:
+            # A write still reading the tensor or a read still filling its buffer keeps that
+            # memory alive after the entry is gone: it counts until the last of them ends.
+            self.stats.resident(held)
+            _AfterAll(busy, functools.partial(self.stats.resident, -held))
+        _AfterAll(futures, functools.partial(self._return_location, entry))
 
     def _return_location(self, entry: Entry) -> None:
         # Taken under the lock: a failed write may have returned it already (_take_location).
@@ -726,16 +716,14 @@ class Transfers:
             place.free(extent)
 
 
-class _HeldUntilDone:
-    """``nbytes`` counted as resident until every future in ``futures`` is done (a freed
-    entry's memory that an I/O job still uses)."""
+class _AfterAll:
+    """Runs ``action()`` once every future in ``futures`` is done (on the thread that finishes
+    the last one; at once if all already are)."""
 
-    def __init__(self, stats: StatsCollector, nbytes: int, futures: list) -> None:
-        self._stats = stats
-        self._nbytes = nbytes
+    def __init__(self, futures: list, action: Callable[[], None]) -> None:
+        self._action = action
         self._left = len(futures)
         self._lock = threading.Lock()
-        stats.resident(nbytes)
         for f in futures:
             f.add_done_callback(self._one_done)
 
@@ -744,4 +732,4 @@ class _HeldUntilDone:
             self._left -= 1
             last = self._left == 0
         if last:
-            self._stats.resident(-self._nbytes)
+            self._action()
